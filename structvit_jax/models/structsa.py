@@ -1,0 +1,216 @@
+"""Structural self-attention (StructSA), Kim et al., CVPR 2024 (../shared/DESIGN.md §1).
+
+Per head, for query i over N keys on a grid (rank 1, 2 or 3), window M, structure dim D:
+
+  SQKA          s_i[j, d] = sum_m sum_c U^K[m, d, c] q_i[c] k_{Sj+m}[c]     (eq. 2-3)
+  joint softmax A_i = softmax over all (j, d) of s_i                          (not D softmaxes)
+  aggregation   y_i = sum_j sum_d A_i[j, d] sum_m U^V[m, d, c] v_{Sj+m}[c]    (eq. 5)
+
+U^K (pattern detectors) and U^V (context aggregators) have shape [M, D, C] per head: the
+channel-wise kernels are not shared across channels. 'element' aggregation (eq. 4) is the
+case where U^V has a 1-tap window. D = 0 is vanilla SA, D = 1 with context aggregation is
+ConvSA. The stride S applies to the last two grid axes (H and W; never time).
+
+Two implementations with the same parameters and the same outputs:
+  'reference': the paper's literal form. It builds the channel-wise correlation maps
+    q_i * k_j on the key grid and convolves them with the pattern detectors
+    (`conv_general_dilated`, batch = queries), softmaxes jointly, and aggregates values with
+    the dynamic kernels kappa_ij = sum_d A_i[j, d] U^V[:, d] (a transposed convolution of the
+    attention maps). Memory O(N^2 * C) per head: the readable definition, for tests.
+  'fused' (default): by linearity, q_i . conv_d(K)[j] = conv_d(q_i K^T)[j], so StructSA is
+    standard attention of the N queries over the N*D keys K~[j, d] = conv_d(K)[j] and
+    values V~[j, d] = conv_d(V)[j]: two depthwise convolutions with channel multiplier D and
+    one `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+Extra non-grid tokens (DeiT's class token) are queries, and plain keys/values: each takes
+part once per structure channel d (its key and value unconvolved), i.e. as a grid site with
+identity kernels. That keeps "centre-tap U^K, U^V == SA" exact with a class token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structvit_jax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+AGGREGATIONS = ("context", "element")
+IMPLEMENTATIONS = ("fused", "reference")
+
+
+def centre_tap_init(noise_std: float = 0.0):
+  """Initialiser for U^K / U^V of shape [*window, D, C]: 1 at the window's centre tap, 0
+  elsewhere, plus N(0, noise_std^2) noise. With noise_std = 0 StructSA computes exactly SA
+  (every structure channel sees the same key and value); a little noise breaks the symmetry
+  between the D channels when training from scratch."""
+
+  def init(key, shape, dtype=jnp.float32):
+    rank = len(shape) - 2
+    w = np.zeros(shape, np.float32)
+    w[tuple(k // 2 for k in shape[:rank])] = 1.0
+    w = jnp.asarray(w, dtype)
+    if noise_std:
+      w = w + noise_std * jax.random.normal(key, shape, dtype)
+    return w
+
+  return init
+
+
+def _strides(rank: int, stride: int) -> tuple[int, ...]:
+  # Stride over H and W only: the last two grid axes (the only axis of a sequence).
+  return tuple(1 if a < rank - 2 else stride for a in range(rank))
+
+
+class StructSA(nn.Module):
+  """Multi-head structural self-attention over tokens on a grid.
+
+  Call with x [B, *grid, C] and optionally extra tokens [B, E, C] (class token); returns the
+  outputs in the same structure. Parameters: `qkv` (Dense C -> 3C, output features ordered
+  (3, heads, head_dim) as the official UniFormer), `proj`, and for D > 0 `u_k` [*M, D, C]
+  (pattern detectors) and `u_v` [*M, D, C] (context aggregators; a 1-tap window for
+  'element' aggregation).
+  """
+  num_heads: int
+  d: int = 4                       # D, structure dimension; 0 = vanilla SA
+  kernel_size: int | Sequence[int] = 3   # M, window per grid axis (3 -> 3x3 / 3x3x3)
+  stride: int = 1                  # S, over H and W of the key/value grid
+  aggregation: str = "context"     # 'context' (eq. 5) or 'element' (eq. 4)
+  implementation: str = "fused"    # 'fused' or 'reference'
+  qkv_bias: bool = True
+  structure_init_noise: float = 0.0  # 0: exact centre-tap init (StructSA == SA)
+  depthwise_impl: str = "auto"     # formulation of the key/value convs (layers.py)
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  def _check(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    if self.d < 0:
+      raise ValueError(f"StructSA: D={self.d} must be >= 0 (0 = vanilla SA)")
+    if self.stride < 1:
+      raise ValueError(f"StructSA: stride={self.stride} must be >= 1")
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f"StructSA: aggregation={self.aggregation!r}; valid: {AGGREGATIONS}")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"StructSA: implementation={self.implementation!r}; valid: {IMPLEMENTATIONS}")
+    if not 1 <= rank <= 3:
+      raise ValueError(f"StructSA: token grids of rank 1, 2 or 3 are supported, got rank {rank}")
+    window_k = layers.as_tuple(self.kernel_size, rank)
+    if any(k < 1 or k % 2 == 0 for k in window_k):
+      raise ValueError(f"StructSA: kernel size M={window_k} must be odd and positive")
+    window_v = window_k if self.aggregation == "context" else (1,) * rank
+    return window_k, window_v, _strides(rank, self.stride)
+
+  @nn.compact
+  def __call__(self, x: Array, extra: Array | None = None):
+    b, *grid, c = x.shape
+    rank = len(grid)
+    window_k, window_v, strides = self._check(rank)
+    h = self.num_heads
+    if c % h:
+      raise ValueError(f"StructSA: {c} channels do not split into {h} heads")
+    hd = c // h
+    dtype = self.dtype or x.dtype
+    n_grid = int(np.prod(grid))
+    n_extra = 0 if extra is None else extra.shape[1]
+    tokens = x.reshape(b, n_grid, c)
+    if extra is not None:
+      tokens = jnp.concatenate([extra.astype(x.dtype), tokens], axis=1)
+
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=dtype, param_dtype=self.param_dtype,
+                   kernel_init=layers.trunc_normal_02, name="qkv")(tokens)
+    q, k, v = jnp.split(qkv.reshape(b, n_extra + n_grid, 3, h, hd), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]           # [B, N, heads, hd]
+
+    u_k = u_v = None
+    if self.d > 0:
+      init = centre_tap_init(self.structure_init_noise)
+      u_k = self.param("u_k", init, (*window_k, self.d, c), self.param_dtype)
+      u_v = self.param("u_v", init, (*window_v, self.d, c), self.param_dtype)
+
+    if self.implementation == "fused":
+      y = self._fused(q, k, v, u_k, u_v, grid, n_extra, strides)
+    else:
+      y = self._reference(q, k, v, u_k, u_v, grid, n_extra, strides, window_k, window_v)
+    y = nn.Dense(c, dtype=dtype, param_dtype=self.param_dtype,
+                 kernel_init=layers.trunc_normal_02, name="proj")(y.reshape(b, -1, c))
+    y_grid = y[:, n_extra:].reshape(b, *grid, c)
+    return y_grid if extra is None else (y_grid, y[:, :n_extra])
+
+  # -- fused: attention over N*D convolved keys ---------------------------------------------
+  def _fused(self, q, k, v, u_k, u_v, grid, n_extra, strides):
+    b, n, h, hd = q.shape
+    if self.d > 0:
+      ke, kg = k[:, :n_extra], k[:, n_extra:].reshape(b, *grid, h * hd)
+      ve, vg = v[:, :n_extra], v[:, n_extra:].reshape(b, *grid, h * hd)
+      # K~, V~: [B, *grid', D, C], flattened so that every (j, d) is one key.
+      k_t = layers.depthwise_conv(kg, u_k, strides, self.depthwise_impl).reshape(b, -1, h, hd)
+      v_t = layers.depthwise_conv(vg, u_v, strides, self.depthwise_impl).reshape(b, -1, h, hd)
+      if n_extra:
+        k = jnp.concatenate([jnp.repeat(ke, self.d, axis=1), k_t], axis=1)
+        v = jnp.concatenate([jnp.repeat(ve, self.d, axis=1), v_t], axis=1)
+      else:
+        k, v = k_t, v_t
+    return jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+
+  # -- reference: the paper's literal definition ---------------------------------------------
+  def _reference(self, q, k, v, u_k, u_v, grid, n_extra, strides, window_k, window_v):
+    b, n, h, hd = q.shape
+    rank = len(grid)
+    f32 = jnp.float32
+    q = q * (hd ** -0.5)
+    if self.d == 0:
+      s = jnp.einsum("bihc,bjhc->bhij", q, k, preferred_element_type=f32)
+      a = jax.nn.softmax(s, axis=-1)
+      return jnp.einsum("bhij,bjhc->bihc", a.astype(v.dtype), v)
+
+    dd = self.d
+    kg, vg = k[:, n_extra:], v[:, n_extra:]
+    ke, ve = k[:, :n_extra], v[:, :n_extra]
+    lhs_spec, rhs_spec, out_spec = layers._layouts(rank)
+    pads_k = [((m - 1) // 2,) * 2 for m in window_k]
+
+    # SQKA: channel-wise correlation maps of every query over the key grid, convolved with
+    # the D pattern detectors (a grouped conv: group = head, in = head_dim, out = D).
+    corr = (q[:, :, None] * kg[:, None]).reshape(b * n, *grid, h * hd)
+    rhs = u_k.reshape(*window_k, dd, h, hd)
+    rhs = jnp.moveaxis(rhs, (-3, -2, -1), (-1, -2, -3)).reshape(*window_k, hd, h * dd)
+    dims = jax.lax.conv_dimension_numbers(corr.shape, rhs.shape, (lhs_spec, rhs_spec, out_spec))
+    s = jax.lax.conv_general_dilated(corr, rhs.astype(corr.dtype), strides, pads_k,
+                                     dimension_numbers=dims, feature_group_count=h,
+                                     preferred_element_type=f32)
+    out_grid = s.shape[1:-1]
+    s = s.reshape(b, n, -1, h, dd)                               # [B, Nq, N', heads, D]
+    s_extra = jnp.einsum("bihc,behc->biehc", q, ke, preferred_element_type=f32).sum(-1)
+    s_extra = jnp.broadcast_to(s_extra[..., None], s_extra.shape + (dd,))  # [B, Nq, E, h, D]
+
+    # Joint softmax over all N'*D grid entries and E*D extra entries.
+    logits = jnp.concatenate([s_extra, s], axis=2)
+    logits = jnp.moveaxis(logits, 3, 2).reshape(b, n, h, -1)
+    a = jax.nn.softmax(logits, axis=-1).reshape(b, n, h, n_extra + s.shape[2], dd)
+    a_extra, a_grid = a[:, :, :, :n_extra], a[:, :, :, n_extra:]
+
+    # Contextual aggregation: the dynamic kernels sum_d A_i[j, d] U^V[:, d] scattered back
+    # onto the value grid, i.e. the transpose of the strided key/value convolution:
+    # W_i[j'] = sum_{j, d, m : S j + m - p = j'} A_i[j, d] U^V[m, d].
+    a_grid = a_grid.transpose(0, 1, 3, 2, 4).reshape(b * n, *out_grid, h * dd)
+    rhs_v = jnp.flip(u_v, axis=tuple(range(rank))).astype(f32)   # [*Mv, D(in), C(out)]
+    pads_v = []
+    for size, o, m, st in zip(grid, out_grid, window_v, strides):
+      p = (m - 1) // 2
+      pads_v.append((m - 1 - p, size - 1 - (o - 1) * st + p))
+    dims_v = jax.lax.conv_dimension_numbers(a_grid.shape, rhs_v.shape, (lhs_spec, rhs_spec, out_spec))
+    w = jax.lax.conv_general_dilated(a_grid, rhs_v, (1,) * rank, pads_v, lhs_dilation=strides,
+                                     dimension_numbers=dims_v, feature_group_count=h)
+    w = w.reshape(b, n, -1, h, hd)                               # [B, Nq, N, heads, hd]
+    y = jnp.einsum("bijhc,bjhc->bihc", w, vg.astype(f32))
+    y = y + jnp.einsum("bihe,behc->bihc", a_extra.sum(-1), ve.astype(f32))
+    return y.astype(v.dtype)
+
