@@ -1,0 +1,75 @@
+"""Defaults shared by every recipe: recipes import this and override fields.
+
+Durations are in epochs (converted to steps by the trainer from the dataset size and the
+global batch size), so overriding --config.batch_size on the command line never leaves a
+stale step count behind.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Model: structvit_jax.models.get_model(c.model.name, **c.model.kwargs).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "structvit_s_4_1"
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  # Data: structvit_jax.data.create_input(c, split=..., ...). Dataset-specific fields live
+  # under c.data (image_size, num_frames, sampling, data_dir, ...).
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_image"
+  c.data.data_dir = ""
+  c.data.image_size = 224
+  c.data.num_frames = 0            # 0: images; >0: clips of this many frames
+  c.data.num_workers = 0           # grain worker processes (0: in-process)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+
+  # Optimisation (DeiT recipe by default).
+  c.batch_size = 1024              # global, over all processes and devices
+  c.num_epochs = 300.0
+  c.warmup_epochs = 5.0
+  c.optimizer = "adamw"            # 'adamw' | 'sgd'
+  c.lr = 1e-3                      # at batch size c.lr_base_batch_size
+  c.lr_base_batch_size = 1024      # lr scales linearly: lr * batch_size / lr_base_batch_size
+  c.min_lr = 1e-5
+  c.warmup_lr = 1e-6
+  c.schedule = "cosine"            # 'cosine' | 'steps'
+  c.lr_step_epochs = ()            # for 'steps': epochs at which lr *= lr_step_factor
+  c.lr_step_factor = 0.1
+  c.momentum = 0.9                 # sgd
+  c.weight_decay = 0.05
+  c.grad_clip_norm = 0.0           # 0: off
+  c.label_smoothing = 0.1
+  c.mixup_alpha = 0.8              # 0: off
+  c.cutmix_alpha = 1.0             # 0: off
+  c.mixup_switch_prob = 0.5
+  c.ema_decay = 0.0                # 0: no EMA of params
+  c.grad_accum_steps = 1
+  c.dtype = "float32"              # compute dtype: 'float32' | 'bfloat16' (params stay fp32)
+  c.remat = False                  # per-block rematerialisation
+  c.fsdp = False                   # shard params and optimiser state over the 'data' axis
+
+  # Loop, evaluation, checkpoints, logging.
+  c.eval_every_epochs = 1.0
+  c.eval_only = False              # evaluate the newest checkpoint in workdir (or c.resume)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.resume = ""                    # a checkpoint dir to resume from (after workdir's own)
+  c.init_from = ml_collections.ConfigDict()  # pretrained init (weights issue)
+  c.init_from.checkpoint = ""
+  c.num_train_steps = -1           # >0 overrides num_epochs (smoke runs)
+
+  # Multi-host: jax.distributed.initialize() when enabled (auto-detects TPU pods / SLURM;
+  # explicit coordinator for anything else).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.local_device_ids = ""  # e.g. "0,1"
+  return c
