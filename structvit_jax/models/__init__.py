@@ -1,0 +1,82 @@
+"""The model zoo: `get_model(name, **overrides)` over named presets (DESIGN §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from structvit_jax.models.deit import DeiT
+from structvit_jax.models.structsa import StructSA, centre_tap_init
+from structvit_jax.models.uniformer import UniFormer
+
+_S = dict(depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), drop_path_rate=0.1)
+_B = dict(depth=(5, 8, 20, 7), embed_dim=(64, 128, 320, 512), drop_path_rate=0.3)
+# UniFormer-L is the token-labeling large_ls model: layer scale in every block, aux head.
+_L = dict(depth=(5, 10, 24, 7), embed_dim=(128, 192, 448, 640), drop_path_rate=0.4,
+          layer_scale="all", token_labeling=True)
+
+PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "uniformer_s": (UniFormer, _S),
+    "uniformer_s_plus": (UniFormer, dict(_S, depth=(3, 5, 9, 3), head_dim=32, conv_stem=True)),
+    "uniformer_b": (UniFormer, _B),
+    "uniformer_b_ls": (UniFormer, dict(_B, layer_scale="sa")),
+    "uniformer_l": (UniFormer, _L),
+    "structvit_s_4_2": (UniFormer, dict(_S, d=4, stride=2)),
+    "structvit_s_4_1": (UniFormer, dict(_S, d=4, stride=1)),
+    "structvit_s_8_1": (UniFormer, dict(_S, d=8, stride=1)),
+    "structvit_b_4_2": (UniFormer, dict(_B, d=4, stride=2)),
+    "structvit_b_4_1": (UniFormer, dict(_B, d=4, stride=1)),
+    "structvit_b_8_1": (UniFormer, dict(_B, d=8, stride=1)),
+    "structvit_l_4_1": (UniFormer, dict(_L, d=4, stride=1)),
+    "deit_s": (DeiT, dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1)),
+    # Tiny presets for tests and demos (a few hundred thousand parameters).
+    "structvit_tiny": (UniFormer, dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64),
+                                       head_dim=32, d=2, stride=1, drop_path_rate=0.0,
+                                       num_classes=10)),
+    "uniformer_tiny": (UniFormer, dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64),
+                                       head_dim=32, drop_path_rate=0.0, num_classes=10)),
+    "deit_tiny": (DeiT, dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                             drop_path_rate=0.0, num_classes=10)),
+}
+
+
+def list_models() -> list[str]:
+  return sorted(PRESETS)
+
+
+def model_fields(name: str) -> list[str]:
+  cls, _ = _lookup(name)
+  return sorted(f.name for f in dataclasses.fields(cls)
+                if f.init and f.name not in ("parent", "name"))
+
+
+def _lookup(name: str):
+  if name not in PRESETS:
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+  return PRESETS[name]
+
+
+def get_model(name: str, **overrides: Any) -> nn.Module:
+  """Builds preset `name` with some fields overridden, e.g.
+  get_model('structvit_s_4_1', num_classes=400, dtype=jnp.bfloat16, remat=True) or
+  get_model('deit_s', d=4, kernel_size=3, aggregation='element')."""
+  cls, preset = _lookup(name)
+  valid = model_fields(name)
+  unknown = sorted(set(overrides) - set(valid))
+  if unknown:
+    raise ValueError(f"{name}: unknown field(s) {unknown}; valid fields: {', '.join(valid)}")
+  kwargs = {**preset, **overrides}
+  if isinstance(kwargs.get("dtype"), str):
+    import jax.numpy as jnp
+    kwargs["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                       "float16": jnp.float16}[kwargs["dtype"]]
+  for k in ("depth", "embed_dim"):
+    if isinstance(kwargs.get(k), list):
+      kwargs[k] = tuple(kwargs[k])
+  return cls(**kwargs)
+
+
+__all__ = ["DeiT", "PRESETS", "StructSA", "UniFormer", "centre_tap_init", "get_model",
+           "list_models", "model_fields"]
