@@ -31,8 +31,9 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-3))
-  lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-3))
+  a_mix, a_cut = max(mixup_alpha, 1e-3), max(cutmix_alpha, 1e-3)  # unused when 0
+  lam_mix = jax.random.beta(k_mix, a_mix, a_mix)
+  lam_cut = jax.random.beta(k_cut, a_cut, a_cut)
 
   # CutMix box (timm rand_bbox): side ratio sqrt(1 - lam), centre uniform, clipped.
   h, w = images.shape[-3], images.shape[-2]

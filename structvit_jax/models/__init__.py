@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from structvit_jax.models.deit import DeiT
 from structvit_jax.models.structsa import StructSA, centre_tap_init
@@ -42,6 +43,9 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def list_models() -> list[str]:
   return sorted(PRESETS)
 
@@ -69,9 +73,9 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
     raise ValueError(f"{name}: unknown field(s) {unknown}; valid fields: {', '.join(valid)}")
   kwargs = {**preset, **overrides}
   if isinstance(kwargs.get("dtype"), str):
-    import jax.numpy as jnp
-    kwargs["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-                       "float16": jnp.float16}[kwargs["dtype"]]
+    if kwargs["dtype"] not in _DTYPES:
+      raise ValueError(f"dtype={kwargs['dtype']!r}; valid: {', '.join(_DTYPES)}")
+    kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
   for k in ("depth", "embed_dim"):
     if isinstance(kwargs.get(k), list):
       kwargs[k] = tuple(kwargs[k])

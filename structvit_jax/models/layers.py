@@ -101,15 +101,21 @@ def depthwise_conv(x: Array, kernel: Array, strides: Sequence[int] | None = None
     y = jax.lax.conv_general_dilated(x, rhs, strides, pads, dimension_numbers=dims,
                                      feature_group_count=c)
     return jnp.swapaxes(y.reshape(*y.shape[:-1], c, d), -1, -2)
+  # 'shift': one multiply-add of a shifted, strided input view per tap, in a fori_loop
+  # (unrolled, a 5x5x5 window compiled 5-10x slower and ran no faster; measured on CPU).
   out = [conv_output_size(n, k, s) for n, k, s in zip(x.shape[1:-1], window, strides)]
   xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-  y = None
-  for tap in itertools.product(*(range(k) for k in window)):
-    idx = (slice(None),) + tuple(
-        slice(t, t + (o - 1) * s + 1, s) for t, o, s in zip(tap, out, strides))
-    term = xp[idx][..., None, :] * kernel[tap]
-    y = term if y is None else y + term
-  return y
+  taps = jnp.asarray(list(itertools.product(*(range(k) for k in window))), jnp.int32)
+  kflat = kernel.reshape(-1, d, c)
+  size = (x.shape[0], *((o - 1) * s + 1 for o, s in zip(out, strides)), c)
+  every = (slice(None), *(slice(None, None, s) for s in strides))
+
+  def tap(i, acc):
+    start = (0, *(taps[i, a] for a in range(rank)), 0)
+    view = jax.lax.dynamic_slice(xp, start, size)[every]
+    return acc + view[..., None, :] * kflat[i]
+
+  return jax.lax.fori_loop(0, kflat.shape[0], tap, jnp.zeros((x.shape[0], *out, d, c), x.dtype))
 
 
 def _layouts(rank: int) -> tuple[str, str, str]:

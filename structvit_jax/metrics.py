@@ -1,0 +1,83 @@
+"""Metric logging: TensorBoard event files (tensorboardX, process 0 only) and a console
+progress line with throughput and ETA."""
+
+import time
+from typing import Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars to <workdir>/tensorboard on process 0; a no-op elsewhere."""
+
+  def __init__(self, workdir: str):
+    self.writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # only process 0 needs it
+      self.writer = SummaryWriter(logdir=f"{workdir}/tensorboard")
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if self.writer is None:
+      return
+    for k, v in values.items():
+      self.writer.add_scalar(k, float(v), step)
+    self.writer.flush()
+
+  def text(self, tag: str, value: str, step: int = 0) -> None:
+    if self.writer is not None:
+      self.writer.add_text(tag, value, step)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+class Progress:
+  """Step time, examples/s and ETA between log points (excludes eval/checkpoint pauses
+  when `pause()`/`resume()` bracket them)."""
+
+  def __init__(self, total_steps: int, global_batch: int, first_step: int):
+    self.total_steps = total_steps
+    self.global_batch = global_batch
+    self.last_step = first_step
+    self.last_time = time.perf_counter()
+    self.paused = 0.0
+    self._pause_start = None
+
+  def pause(self) -> None:
+    self._pause_start = time.perf_counter()
+
+  def resume(self) -> None:
+    if self._pause_start is not None:
+      self.paused += time.perf_counter() - self._pause_start
+      self._pause_start = None
+
+  def tick(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = max(step - self.last_step, 1)
+    dt = max(now - self.last_time - self.paused, 1e-9)
+    self.last_step, self.last_time, self.paused = step, now, 0.0
+    step_time = dt / steps
+    return dict(step_time=step_time, examples_per_sec=self.global_batch / step_time,
+                eta_min=(self.total_steps - step) * step_time / 60)
+
+
+def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
+  width = 20
+  done = int(width * step / max(total, 1))
+  bar = "#" * done + "." * (width - done)
+  return (f"[{bar}] step {step}/{total} loss {m['loss']:.4f} top1 {m['top1']:.3f} "
+          f"top5 {m['top5']:.3f} lr {m['lr']:.3e} gnorm {m['grad_norm']:.3f} "
+          f"{m['examples_per_sec']:.1f} ex/s {m['step_time'] * 1e3:.0f} ms/step "
+          f"ETA {m['eta_min']:.1f} min")
+
+
+def log_console(line: str) -> None:
+  if jax.process_index() == 0:
+    logging.info("%s", line)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,385 @@
+"""Training and evaluation loops: jax.jit over global arrays on a ('data',) mesh.
+
+`train_and_evaluate(config, workdir)` trains with periodic evaluation and checkpoints;
+`evaluate(config, workdir)` evaluates the newest checkpoint. Both run from main.py or a
+notebook. Start order: checkpoint in workdir -> config.resume -> config.init_from -> scratch.
+"""
+
+import functools
+import math
+import os
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from structvit_jax import checkpoint as ckpt_lib
+from structvit_jax import metrics as metrics_lib
+from structvit_jax import mixup as mixup_lib
+from structvit_jax import optim
+from structvit_jax import sharding as shard_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array         # int32 scalar: number of optimiser updates done
+  params: Any             # fp32
+  batch_stats: Any        # BatchNorm running statistics ({} for models without BN)
+  opt_state: Any
+  ema_params: Any         # EMA of params ({} when config.ema_decay == 0)
+  rng: jax.Array          # base key; each step uses fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def create_input(config, split, local_batch_size, seed):
+  from structvit_jax import data as data_lib  # data is independent of the trainer
+  return data_lib.create_input(config, split=split, local_batch_size=local_batch_size,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(), seed=seed)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  from structvit_jax.models import get_model, model_fields
+  kwargs = dict(config.model.kwargs)
+  fields = model_fields(config.model.name)
+  kwargs["num_classes"] = num_classes
+  if "dtype" in fields:
+    kwargs["dtype"] = config.dtype
+  if config.remat or "remat" in fields:
+    kwargs["remat"] = config.remat
+  return get_model(config.model.name, **kwargs)
+
+
+def train_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+  """(total steps, steps per epoch): durations are epochs in configs, steps here."""
+  steps_per_epoch = max(1, num_examples // config.batch_size)
+  total = config.num_train_steps
+  if total <= 0:
+    total = int(math.ceil(config.num_epochs * steps_per_epoch))
+  return total, steps_per_epoch
+
+
+def init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+               input_shape: tuple[int, ...], ema: bool) -> TrainState:
+  params_rng, dropout_rng, train_rng = jax.random.split(rng, 3)
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = model.init({"params": params_rng, "dropout": dropout_rng}, x, train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+                    rng=train_rng)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _variables(params, batch_stats):
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  k = min(k, logits.shape[-1])
+  _, idx = jax.lax.top_k(logits, k)
+  return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict, num_classes: int
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  # Randomness depends only on (seed, step) and global shapes, never on the device count
+  # (threefry is partitionable), so 1 and 8 devices draw the same mixup and drop path.
+  mix_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  images, targets = mixup_lib.mixup_cutmix(
+      mix_rng, batch["image"], batch["label"], num_classes,
+      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+      switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing)
+
+  def loss_fn(params, batch_stats, x, t, rng):
+    logits, updates = model.apply(_variables(params, batch_stats), x, train=True,
+                                  rngs={"dropout": rng}, mutable=["batch_stats"])
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy(logits, t).mean()
+    return loss, (logits, updates.get("batch_stats", batch_stats))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = config.grad_accum_steps
+  if accum == 1:
+    (loss, (logits, batch_stats)), grads = grad_fn(
+        state.params, state.batch_stats, images, targets, drop_rng)
+  else:
+    # Microbatch i = examples i, i+accum, ...: every microbatch spans all devices.
+    b = images.shape[0]
+    micro = lambda a: a.reshape(b // accum, accum, *a.shape[1:]).swapaxes(0, 1)
+
+    def body(carry, xs):
+      g_sum, l_sum, bs = carry
+      x, t, i = xs
+      (l, (lg, bs)), g = grad_fn(state.params, bs, x, t, jax.random.fold_in(drop_rng, i))
+      return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, bs), lg
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss, batch_stats), logits = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+        (micro(images), micro(targets), jnp.arange(accum)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss = loss / accum
+    logits = logits.swapaxes(0, 1).reshape(b, -1)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if config.ema_decay > 0:
+    ema = optim.ema_update(ema, params, config.ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
+  labels = batch["label"]
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                 top1=_topk_correct(logits, labels, 1).mean(),
+                 top5=_topk_correct(logits, labels, 5).mean())
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
+              model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the real (mask == True) examples of the batch."""
+  logits = model.apply(_variables(params, batch_stats), batch["image"], train=False)
+  logits = logits.astype(jnp.float32)
+  mask = batch["mask"].astype(jnp.float32)
+  labels = batch["label"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return dict(loss=(loss * mask).sum(), top1=(_topk_correct(logits, labels, 1) * mask).sum(),
+              top5=(_topk_correct(logits, labels, 5) * mask).sum(), count=mask.sum())
+
+
+def run_eval(eval_fn, params, batch_stats, eval_inp, mesh) -> dict[str, float]:
+  """Exact evaluation: padded last batch, metrics over real examples only."""
+  totals = None
+  it = eval_inp.make_eval_iterator()
+  for local in it:
+    batch = shard_lib.global_batch(mesh, {k: local[k] for k in ("image", "label", "mask")})
+    out = eval_fn(params, batch_stats, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if hasattr(it, "close"):
+    it.close()
+  totals = jax.tree.map(float, jax.device_get(totals))
+  n = max(totals["count"], 1.0)
+  return dict(loss=totals["loss"] / n, top1=totals["top1"] / n, top5=totals["top5"] / n,
+              count=totals["count"])
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+class _Setup:
+  """Everything train and eval share: inputs, model, optimiser, shardings, jitted fns."""
+
+  def __init__(self, config, workdir, devices, train: bool):
+    shard_lib.initialize_distributed(config)
+    shard_lib.log_topology()
+    self.mesh = shard_lib.make_mesh(devices)
+    ndev, nproc = self.mesh.devices.size, jax.process_count()
+    eval_bs = config.eval_batch_size or config.batch_size
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+      if bs % ndev:
+        raise ValueError(f"config.{name}={bs} must be divisible by the {ndev} devices.")
+    if config.batch_size % config.grad_accum_steps or (
+        config.batch_size // config.grad_accum_steps) % ndev:
+      raise ValueError(f"batch_size {config.batch_size} / grad_accum_steps "
+                       f"{config.grad_accum_steps} must be a multiple of {ndev} devices.")
+    self.train_inp = (create_input(config, "train", config.batch_size // nproc, config.seed)
+                      if train else None)
+    self.eval_inp = create_input(config, "eval", eval_bs // nproc, config.seed)
+    self.num_classes = self.eval_inp.num_classes
+    self.input_shape = tuple(self.eval_inp.input_shape)
+    self.model = build_model(config, self.num_classes)
+    n_train = self.train_inp.num_examples if train else self.eval_inp.num_examples
+    self.total_steps, self.steps_per_epoch = train_steps(config, n_train)
+    self.schedule = optim.make_schedule(config, self.total_steps, self.steps_per_epoch)
+    self.tx = optim.make_optimizer(config, self.schedule)
+
+    init = functools.partial(init_state, model=self.model, tx=self.tx,
+                             input_shape=self.input_shape, ema=config.ema_decay > 0)
+    rng = jax.random.PRNGKey(config.seed)
+    self.abstract_state = jax.eval_shape(init, rng)
+    self.shardings = shard_lib.state_shardings(self.abstract_state, self.mesh, config.fsdp)
+    self.abstract_sharded = ckpt_lib.abstract_with_shardings(self.abstract_state,
+                                                             self.shardings)
+    self.init = lambda: jax.jit(init, out_shardings=self.shardings)(rng)
+    repl = shard_lib.replicated(self.mesh)
+    data = shard_lib.batch_sharding(self.mesh)
+    self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
+                           in_shardings=(self.shardings.params, self.shardings.batch_stats,
+                                         data), out_shardings=repl)
+    self.train_fn = jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+                          config=config, num_classes=self.num_classes),
+        in_shardings=(self.shardings, data), out_shardings=(self.shardings, repl),
+        donate_argnums=0)
+    self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      keep=config.keep_checkpoints)
+
+  def log_model_size(self, writer: metrics_lib.MetricWriter) -> None:
+    n_params = metrics_lib.count_params(self.abstract_state.params)
+    gmacs = None
+    try:
+      from structvit_jax import flops
+      gmacs = flops.count_model_macs(self.model, self.input_shape)["total"] / 1e9
+    except Exception as e:  # the count is informative only; never block training on it
+      logging.warning("GFLOPs count failed: %s", e)
+    logging.info("Model %s: %.3f M params, %s GFLOPs (MACs) per example", self.model.name
+                 or type(self.model).__name__, n_params / 1e6,
+                 "?" if gmacs is None else f"{gmacs:.3f}")
+    writer.scalars(0, {"model/params_M": n_params / 1e6,
+                       **({} if gmacs is None else {"model/gflops": gmacs})})
+
+  def restore_or_init(self, config, data_iter) -> TrainState:
+    """Workdir checkpoint -> config.resume -> config.init_from.checkpoint -> scratch."""
+    if self.ckpt.latest_step() is not None:
+      return self.ckpt.restore(self.abstract_sharded, data_iter=data_iter)[0]
+    if config.resume:
+      src = ckpt_lib.Checkpointer(config.resume, read_only=True)
+      state = src.restore(self.abstract_sharded, data_iter=data_iter)[0]
+      src.close()
+      return state
+    state = self.init()
+    if config.init_from.checkpoint:
+      src = ckpt_lib.Checkpointer(config.init_from.checkpoint, read_only=True)
+      loaded = src.restore(self.abstract_sharded)[0]
+      src.close()
+      ema = loaded.params if config.ema_decay > 0 else state.ema_params
+      state = state.replace(params=loaded.params, batch_stats=loaded.batch_stats,
+                            ema_params=jax.tree.map(jnp.copy, ema))
+      logging.info("Initialised params from %s", config.init_from.checkpoint)
+    return state
+
+
+def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
+  results = {}
+  variants = [("eval", state.params)]
+  if config.ema_decay > 0:
+    variants.append(("eval_ema", state.ema_params))
+  for prefix, params in variants:
+    m = run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp, setup.mesh)
+    results.update({f"{prefix}/{k}": v for k, v in m.items()})
+    metrics_lib.log_console(f"{prefix} step {step}: loss {m['loss']:.4f} top1 {m['top1']:.4f} "
+                            f"top5 {m['top5']:.4f} over {int(m['count'])} examples")
+  writer.scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
+  return results
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> tuple[TrainState, dict]:
+  """Trains (resuming if possible) and evaluates; returns (final state, last eval metrics).
+
+  devices: the devices of the mesh (default: all); tests use a subset.
+  """
+  setup = _Setup(config, workdir, devices, train=True)
+  writer = metrics_lib.MetricWriter(workdir)
+  setup.log_model_size(writer)
+  train_iter = setup.train_inp.iterator
+  state = setup.restore_or_init(config, train_iter)
+  step = int(jax.device_get(state.step))
+  total = setup.total_steps
+  eval_every = max(1, int(round(config.eval_every_epochs * setup.steps_per_epoch)))
+  logging.info("Training steps %d..%d (%d/epoch, global batch %d); eval every %d steps",
+               step, total, setup.steps_per_epoch, config.batch_size, eval_every)
+  sigterm = ckpt_lib.SigtermFlag()
+  progress = metrics_lib.Progress(total, config.batch_size, step)
+  history: list[dict] = []        # host metrics since the last log line
+  pending = None                  # (step, device metrics): fetched one step late
+  eval_results: dict = {}
+
+  def fetch(item):
+    # Fetching one step late keeps the device busy; the check still names the step.
+    s, m = item
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not math.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"Non-finite loss ({m['loss']}) at step {s}. Stopping; the last good checkpoint "
+          f"(step {setup.ckpt.latest_step()}) in {setup.ckpt.directory} is kept.")
+    history.append(m)
+
+  def flush():
+    nonlocal pending
+    if pending is not None:
+      fetch(pending)
+      pending = None
+
+  def save(s):
+    flush()  # never checkpoint a state that came from a non-finite loss
+    setup.ckpt.save(s, state, train_iter)
+
+  try:
+    while step < total:
+      batch = shard_lib.global_batch(setup.mesh, _train_batch(train_iter))
+      state, m = setup.train_fn(state, batch)
+      step += 1
+      flush()
+      pending = (step, m)
+      preempted = (sigterm.is_set() if jax.process_count() == 1
+                   else setup.ckpt.reached_preemption(step))
+      if step % config.log_every_steps == 0 or step == total:
+        flush()
+        avg = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        avg["lr"] = history[-1]["lr"]
+        history.clear()
+        avg.update(progress.tick(step))
+        metrics_lib.log_console(metrics_lib.console_line(step, total, avg))
+        writer.scalars(step, {f"train/{k}": v for k, v in avg.items()})
+      if preempted:
+        save(step)
+        setup.ckpt.wait()
+        logging.warning("Preempted: saved step %d; exiting.", step)
+        return state, eval_results
+      if step % config.checkpoint_every_steps == 0 or step == total:
+        progress.pause()
+        save(step)
+        progress.resume()
+      if step % eval_every == 0 or step == total:
+        progress.pause()
+        eval_results = _eval_and_log(setup, state, config, writer, step)
+        progress.resume()
+    return state, eval_results
+  finally:
+    sigterm.restore_handler()
+    setup.ckpt.close()
+    writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+
+
+def _train_batch(it) -> dict[str, np.ndarray]:
+  b = next(it)
+  return {"image": b["image"], "label": b["label"]}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             devices: list[jax.Device] | None = None) -> dict[str, float]:
+  """Evaluates the newest checkpoint in workdir (else config.resume) and its EMA."""
+  setup = _Setup(config, workdir, devices, train=False)
+  writer = metrics_lib.MetricWriter(workdir)
+  source = setup.ckpt
+  if source.latest_step() is None:
+    if not config.resume:
+      raise FileNotFoundError(f"No checkpoint in {setup.ckpt.directory} and no config.resume.")
+    source = ckpt_lib.Checkpointer(config.resume, read_only=True)
+  state, step = source.restore(setup.abstract_sharded)
+  try:
+    return _eval_and_log(setup, state, config, writer, step)
+  finally:
+    setup.ckpt.close()
+    writer.close()
