@@ -55,6 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Loop, evaluation, checkpoints, logging.
   c.eval_every_epochs = 1.0
+  c.eval_batch_size = 0            # global eval batch; 0: same as batch_size
   c.eval_only = False              # evaluate the newest checkpoint in workdir (or c.resume)
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

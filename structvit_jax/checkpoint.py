@@ -17,12 +17,17 @@ import jax
 import orbax.checkpoint as ocp
 
 
+_single_process_handler = False
+
+
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
   def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
     self.directory = directory
-    if jax.process_count() == 1:
+    global _single_process_handler
+    if jax.process_count() == 1 and not _single_process_handler:
+      _single_process_handler = True
       # Replica-parallel saving slices every replicated array with a small jitted op per
       # shape (seconds of compiles on the first save with many devices) and only pays off
       # when several hosts share the writing.

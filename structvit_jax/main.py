@@ -34,10 +34,15 @@ def main(argv):
   if FLAGS.process_id is not None:
     config.distributed.process_id = FLAGS.process_id
   logging.info("Config:\n%s", config)
-  if config.eval_only:
-    train.evaluate(config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    if config.eval_only:
+      train.evaluate(config, FLAGS.workdir)
+    else:
+      train.train_and_evaluate(config, FLAGS.workdir)
+  except (FileNotFoundError, FloatingPointError) as e:
+    # Missing dataset / checkpoint, non-finite loss: the message says what and how to fix it.
+    logging.error("%s", e)
+    raise SystemExit(f"error: {e}") from None
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 

@@ -1,6 +1,8 @@
 """Metric logging: TensorBoard event files (tensorboardX, process 0 only) and a console
 progress line with throughput and ETA."""
 
+import json
+import os
 import time
 from typing import Mapping
 
@@ -14,6 +16,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     self.writer = None
+    self.workdir = workdir
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # only process 0 needs it
       self.writer = SummaryWriter(logdir=f"{workdir}/tensorboard")
@@ -24,6 +27,12 @@ class MetricWriter:
     for k, v in values.items():
       self.writer.add_scalar(k, float(v), step)
     self.writer.flush()
+
+  def eval_record(self, step: int, results: Mapping[str, float]) -> None:
+    """Appends {'step', **results} to <workdir>/eval_results.jsonl (scripts, notebooks)."""
+    if self.writer is not None:
+      with open(os.path.join(self.workdir, "eval_results.jsonl"), "a") as f:
+        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in results.items()}}) + "\n")
 
   def text(self, tag: str, value: str, step: int = 0) -> None:
     if self.writer is not None:

@@ -275,6 +275,7 @@ def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
     metrics_lib.log_console(f"{prefix} step {step}: loss {m['loss']:.4f} top1 {m['top1']:.4f} "
                             f"top5 {m['top5']:.4f} over {int(m['count'])} examples")
   writer.scalars(step, {k: v for k, v in results.items() if not k.endswith("count")})
+  writer.eval_record(step, results)
   return results
 
 
@@ -307,9 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Fetching one step late keeps the device busy; the check still names the step.
     s, m = item
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not math.isfinite(m["loss"]):
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       raise FloatingPointError(
-          f"Non-finite loss ({m['loss']}) at step {s}. Stopping; the last good checkpoint "
+          f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}. "
+          f"Stopping; the last good checkpoint "
           f"(step {setup.ckpt.latest_step()}) in {setup.ckpt.directory} is kept.")
     history.append(m)
 
@@ -378,6 +380,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise FileNotFoundError(f"No checkpoint in {setup.ckpt.directory} and no config.resume.")
     source = ckpt_lib.Checkpointer(config.resume, read_only=True)
   state, step = source.restore(setup.abstract_sharded)
+  if source is not setup.ckpt:
+    source.close()
   try:
     return _eval_and_log(setup, state, config, writer, step)
   finally:
