@@ -8,14 +8,16 @@ example can be regenerated on its own (resumable, shardable, multi-worker).
 
 - synthetic_image (10 classes): the class is the shape (circle, square, triangle, cross,
   ring) x the orientation of the stripes filling it (horizontal, vertical), drawn at a
-  random position, scale and rotation, in random colours over a random background
-  (gradient + a faint grating at a random orientation), sometimes with a plain distractor
-  shape, plus pixel noise.
+  random position, scale and rotation, in a random colour that stands out from a random
+  background (gradient + a faint grating at a random orientation), sometimes with a small
+  plain distractor shape, plus pixel noise.
+  A tiny StructViT reaches ~0.87 top-1 at 32 px in ~1500 steps (configs/demo.py).
 - synthetic_video (8 classes, in the spirit of Something-Something): the class is the
   motion of one striped shape (moving left, right, up or down, rotating clockwise or
-  counter-clockwise, expanding or shrinking) over a random static background with static
-  distractor shapes. Appearance and start state are drawn before the class is used, so for
-  a given appearance seed frame 0 is the same for every class: only the motion tells.
+  counter-clockwise, expanding or shrinking) over a random static background, sometimes
+  with a static distractor shape. Appearance, start state and motion magnitudes are drawn
+  before the class is used, so for a given appearance seed frame 0 is the same for every
+  class: only the motion tells. Clockwise vs counter-clockwise is the hard pair.
 """
 
 from __future__ import annotations
@@ -137,16 +139,16 @@ def render_clip(motion: int, rng: np.random.Generator, num_frames: int, size: in
   (cx, cy, radius, angle) of the moving shape (angle grows clockwise on screen: y is down).
   """
   x, y = _grid(size)
-  bg = _distractors(rng, _background(rng, x, y), x, y, max_count=2)
+  bg = _distractors(rng, _background(rng, x, y), x, y, max_count=1)
   kind = VIDEO_SHAPES[rng.integers(len(VIDEO_SHAPES))]
-  r0 = rng.uniform(0.14, 0.2) * size
+  r0 = rng.uniform(0.16, 0.22) * size
   cx0, cy0 = rng.uniform(0.3, 0.7, 2) * size
   a0 = rng.uniform(0, 2 * np.pi)
   fill_a, fill_b = _colours(rng, bg)
   period, stripe_angle, phase = (rng.uniform(0.35, 0.6) * r0, rng.uniform(0, np.pi),
                                  rng.uniform(0, 2 * np.pi))
-  dist, turn, growth = (rng.uniform(0.25, 0.4) * size, rng.uniform(np.pi / 3, 2 * np.pi / 3),
-                        rng.uniform(1.5, 2.0))
+  dist, turn, growth = (rng.uniform(0.3, 0.45) * size, rng.uniform(np.pi / 2, 2 * np.pi / 3),
+                        rng.uniform(1.6, 2.2))
   noise = rng.normal(0.0, 0.03, (num_frames, size, size, 3))
   name = MOTIONS[int(motion)]
   frames, states = [], []

@@ -1,0 +1,124 @@
+"""Every recipe in configs/ loads the way main.py loads it (by path, with and without a
+variant string, with --config.x=y overrides), rejects unknown variant keys, and builds its
+model with jax.eval_shape (no compile)."""
+
+import glob
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections.config_flags import config_flags
+import pytest
+
+from structvit_jax import config_utils
+from structvit_jax.data import DatasetNotFoundError, create_input
+from structvit_jax.models import get_model
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                 if not p.endswith("base.py"))
+# A variant string per recipe, exercising its keys.
+VARIANTS = {
+    "in1k_s": "d=8,stride=1", "in1k_b": "d=4,stride=2", "in1k_l": "d=0",
+    "k400_s": "d=4,stride=2,frames=8", "k400_b": "d=0", "ssv2_s": "aggregation=element",
+    "ssv2_b": "kernel_size=3,frames=16", "diving48_b": "implementation=reference",
+    "finegym_b": "classes=99", "deit_s_ablation": "d=8,m=5,aggregation=element",
+    "demo": "image_size=48,epochs=1", "demo_video": "frames=4,image_size=32",
+}
+
+
+def load(spec: str):
+  """As `--config=configs/<spec>` does (relative to no particular working directory)."""
+  return config_flags.ConfigFileFlagParser("config").parse(os.path.join(CONFIG_DIR, spec))
+
+
+def input_shape(c):
+  s = c.data.image_size
+  return (c.data.num_frames, s, s, 3) if c.data.num_frames else (s, s, 3)
+
+
+def test_every_recipe_is_listed():
+  expected = {"in1k_s", "in1k_b", "in1k_l", "k400_s", "k400_b", "ssv2_s", "ssv2_b",
+              "diving48_b", "finegym_b", "deit_s_ablation", "demo", "demo_video"}
+  assert set(RECIPES) == expected == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_loads_and_builds_its_model(name):
+  c = load(f"{name}.py")
+  assert c.is_locked
+  doc = config_utils.import_sibling(os.path.join(CONFIG_DIR, f"{name}.py"), name).__doc__
+  assert "python -m structvit_jax.main --config=configs/" in doc and "xpected" in doc
+  v = load(f"{name}.py:{VARIANTS[name]}")
+  for cfg in (c, v):
+    model = get_model(cfg.model.name, **cfg.model.kwargs)
+    x = jnp.zeros((1, *input_shape(cfg)))
+    variables = jax.eval_shape(lambda m=model, x=x: m.init(jax.random.PRNGKey(0), x, train=False))
+    assert variables["params"]
+  assert v.to_dict() != c.to_dict()
+
+
+def test_variants_change_what_they_say():
+  assert load("in1k_s.py:d=8,stride=1").model.kwargs.d == 8
+  assert load("in1k_s.py:d=0").model.name == "uniformer_s"
+  c = load("deit_s_ablation.py:d=2,m=7,aggregation=element")
+  assert (c.model.kwargs.d, c.model.kwargs.kernel_size, c.model.kwargs.aggregation) == (
+      2, 7, "element")
+  c = load("finegym_b.py:classes=99")
+  assert c.model.kwargs.num_classes == 99 and "99" in c.data.train_split
+  assert load("k400_s.py:frames=8").data.num_frames == 8
+
+
+@pytest.mark.parametrize("name", ["in1k_s", "k400_b", "deit_s_ablation", "demo"])
+def test_unknown_variant_key_raises_listing_valid_keys(name):
+  with pytest.raises(ValueError, match="valid keys"):
+    load(f"{name}.py:no_such_key=1")
+
+
+def test_parse_arg_is_strict_and_typed():
+  a = config_utils.parse_arg("d=8,lr=0.5,name=x,flag", d=4, lr=1.0, name="a", flag=False,
+                             other=True)
+  assert (a.d, a.lr, a.name, a.flag, a.other) == (8, 0.5, "x", True, True)
+  assert isinstance(a.d, int) and isinstance(a.lr, float)
+  assert config_utils.parse_arg("flag=false", flag=True).flag is False
+  assert config_utils.parse_arg(None, d=4).d == 4
+  for bad in ("d=eight", "d", "flag=maybe"):
+    with pytest.raises(ValueError):
+      config_utils.parse_arg(bad, d=4, flag=False)
+  with pytest.raises(ValueError, match="valid keys: d=4"):
+    config_utils.parse_arg("e=1", d=4)
+
+
+def _parse_command_line(*args):
+  argv = ["prog", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "cfg", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_overrides_on_a_locked_config():
+  path = os.path.join(CONFIG_DIR, "in1k_s.py")
+  c = _parse_command_line(f"--config={path}:d=8", "--config.batch_size=256",
+                          "--config.data.data_dir=/data", "--config.model.kwargs.stride=2")
+  assert (c.batch_size, c.data.data_dir, c.model.kwargs.d, c.model.kwargs.stride) == (
+      256, "/data", 8, 2)
+  with pytest.raises(AttributeError, match="batch_size"):  # a typo: error, not a new field
+    _parse_command_line(f"--config={path}", "--config.batch_sise=8")
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_video"])
+def test_demo_configs_match_their_dataset(name):
+  c = load(f"{name}.py")
+  inp = create_input(c, "eval", 16)
+  assert inp.num_classes == c.model.kwargs.num_classes
+  assert inp.input_shape == input_shape(c)
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if not n.startswith("demo")])
+def test_real_dataset_recipes_fail_fast(name):
+  c = load(f"{name}.py")
+  with pytest.raises(DatasetNotFoundError, match=c.data.name):
+    create_input(c, "train", 8)
