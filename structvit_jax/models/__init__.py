@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from structvit_jax.models.deit import DeiT
 from structvit_jax.models.structsa import StructSA, centre_tap_init
+from structvit_jax.models.timesformer import TimeSformer
 from structvit_jax.models.uniformer import UniFormer
 
 _S = dict(depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), drop_path_rate=0.1)
@@ -32,6 +33,11 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "structvit_b_8_1": (UniFormer, dict(_B, d=8, stride=1)),
     "structvit_l_4_1": (UniFormer, dict(_L, d=4, stride=1)),
     "deit_s": (DeiT, dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1)),
+    # TimeSformer ViT-B/16 (divided space-time by default; attention_type= picks the scheme)
+    # at the official input settings: 8x224, HR 16x448, L 96x224 (pos/time embed grids).
+    "timesformer_b": (TimeSformer, dict(num_frames=8, img_size=224)),
+    "timesformer_b_hr": (TimeSformer, dict(num_frames=16, img_size=448)),
+    "timesformer_b_l": (TimeSformer, dict(num_frames=96, img_size=224)),
     # Tiny presets for tests and demos (a few hundred thousand parameters).
     "structvit_tiny": (UniFormer, dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64),
                                        head_dim=32, d=2, stride=1, drop_path_rate=0.0,
@@ -40,6 +46,9 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
                                        head_dim=32, drop_path_rate=0.0, num_classes=10)),
     "deit_tiny": (DeiT, dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
                              drop_path_rate=0.0, num_classes=10)),
+    "timesformer_tiny": (TimeSformer, dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                           num_frames=4, img_size=32, drop_path_rate=0.0,
+                                           num_classes=10)),
 }
 
 
@@ -82,5 +91,5 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["DeiT", "PRESETS", "StructSA", "UniFormer", "centre_tap_init", "get_model",
-           "list_models", "model_fields"]
+__all__ = ["DeiT", "PRESETS", "StructSA", "TimeSformer", "UniFormer", "centre_tap_init",
+           "get_model", "list_models", "model_fields"]
