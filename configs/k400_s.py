@@ -2,7 +2,7 @@
 
   python -m structvit_jax.main --config=configs/k400_s.py --workdir=/tmp/k400_s \
       --config.data.data_dir=/data/k400 \
-      --config.init_from.checkpoint=/tmp/in1k_s/checkpoints  # 2D weights, inflated to 3D
+      --config.init_from.checkpoint=/tmp/in1k_s/checkpoints  # 2D->3D inflation: weights issue
 
 Variants: d, stride, kernel_size (M per axis: 3x3x3), aggregation, implementation, frames
 (16 | 32; also sets the test views), e.g. `configs/k400_s.py:d=4,stride=2`.
