@@ -193,6 +193,28 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert steps[-1] == 3
 
 
+def test_fsdp_and_grad_accumulation_train_the_same_model(tmp_path):
+  # DeiT has no BatchNorm, so 2 microbatches of 8 give exactly the gradient of one batch
+  # of 16 (up to summation order); no mixup / drop path, whose draws depend on the batch.
+  common = {"model.name": "deit_tiny", "model.kwargs.drop_path_rate": 0.0, "mixup_alpha": 0.0,
+            "cutmix_alpha": 0.0, "num_train_steps": 6, "checkpoint_every_steps": 100,
+            "ema_decay": 0.0}
+  ref, _ = train.train_and_evaluate(tiny_config(**common), str(tmp_path / "ref"))
+  got, ev = train.train_and_evaluate(tiny_config(fsdp=True, grad_accum_steps=2, **common),
+                                     str(tmp_path / "fsdp"))
+  kernel = got.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # [64, 256]: sharded over 'data'
+  assert kernel.sharding.spec != jax.sharding.PartitionSpec() and \
+      kernel.addressable_shards[0].data.size == kernel.size // 8
+  assert_trees_close(jax.device_get(got.params), jax.device_get(ref.params), rtol=1e-5,
+                     leaf_rtol=5e-4)
+  bf16, _ = train.train_and_evaluate(tiny_config(dtype="bfloat16", **common),
+                                     str(tmp_path / "bf16"))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.params))
+  # bf16 compute: the whole tree stays close (the zero-gradient key bias is noise, as above).
+  assert_trees_close(jax.device_get(bf16.params), jax.device_get(ref.params), rtol=2e-2,
+                     leaf_rtol=float("inf"))
+
+
 # ----------------------------------------------------------------------------- subprocesses
 
 SUB_STEPS = 40
