@@ -25,6 +25,7 @@ VARIANTS = {
     "ssv2_b": "kernel_size=3,frames=16", "diving48_b": "implementation=reference",
     "finegym_b": "classes=99", "deit_s_ablation": "d=8,m=5,aggregation=element",
     "demo": "image_size=48,epochs=1", "demo_video": "frames=4,image_size=32",
+    "k400_timesformer": "attention=joint_space_time", "ssv2_timesformer": "attention=axial",
 }
 
 
@@ -40,7 +41,8 @@ def input_shape(c):
 
 def test_every_recipe_is_listed():
   expected = {"in1k_s", "in1k_b", "in1k_l", "k400_s", "k400_b", "ssv2_s", "ssv2_b",
-              "diving48_b", "finegym_b", "deit_s_ablation", "demo", "demo_video"}
+              "diving48_b", "finegym_b", "deit_s_ablation", "demo", "demo_video",
+              "k400_timesformer", "ssv2_timesformer"}
   assert set(RECIPES) == expected == set(VARIANTS)
 
 
@@ -70,10 +72,41 @@ def test_variants_change_what_they_say():
   assert load("k400_s.py:frames=8").data.num_frames == 8
 
 
-@pytest.mark.parametrize("name", ["in1k_s", "k400_b", "deit_s_ablation", "demo"])
+@pytest.mark.parametrize("name", ["in1k_s", "k400_b", "deit_s_ablation", "demo",
+                                  "k400_timesformer"])
 def test_unknown_variant_key_raises_listing_valid_keys(name):
   with pytest.raises(ValueError, match="valid keys"):
     load(f"{name}.py:no_such_key=1")
+
+
+@pytest.mark.parametrize("name", ["k400_timesformer", "ssv2_timesformer"])
+def test_timesformer_recipes_take_every_scheme_and_the_official_solver(name):
+  from structvit_jax.data.pipeline import VIDEO_MEAN, VIDEO_STD
+  from structvit_jax.models.timesformer import ATTENTION_TYPES
+  from structvit_jax.optim import make_schedule
+  for scheme in ATTENTION_TYPES:
+    assert load(f"{name}.py:attention={scheme}").model.kwargs.attention_type == scheme
+  with pytest.raises(ValueError, match="valid: divided_space_time, joint_space_time"):
+    load(f"{name}.py:attention=divided")
+  c = load(f"{name}.py")
+  assert c.model.kwargs.attention_type == "divided_space_time"
+  assert (c.data.num_frames, c.data.image_size, c.data.test_clips, c.data.test_crops) == (
+      8, 224, 1, 3)
+  assert (tuple(c.data.mean), tuple(c.data.std)) == (VIDEO_MEAN, VIDEO_STD)
+  assert (c.optimizer, c.momentum, c.weight_decay, c.num_epochs, c.warmup_epochs) == (
+      "sgd", 0.9, 1e-4, 15.0, 0.0)
+  assert c.label_smoothing == c.mixup_alpha == c.cutmix_alpha == 0.0
+  # lr 0.005 at the official global batch of 8, x0.1 from epoch 11 and again from 14.
+  schedule = make_schedule(c, total_steps=15 * 100, steps_per_epoch=100)
+  for step, lr in ((0, 5e-3), (1099, 5e-3), (1100, 5e-4), (1399, 5e-4), (1400, 5e-5),
+                   (1499, 5e-5)):
+    assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
+  if name == "ssv2_timesformer":
+    assert (c.model.kwargs.num_classes, c.data.sampling, c.data.random_flip) == (
+        174, "segment", False)
+  else:
+    assert (c.model.kwargs.num_classes, c.data.sampling, c.data.sampling_rate) == (
+        400, "dense", 32)
 
 
 def test_parse_arg_is_strict_and_typed():
