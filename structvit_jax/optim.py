@@ -13,7 +13,7 @@ NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "dist_token")
 
 
 def scaled_lr(config: ml_collections.ConfigDict) -> float:
-  """Peak lr, scaled linearly with the global batch size (DeiT: lr * batch / 512)."""
+  """Peak lr, scaled linearly with the global batch size: lr * batch / lr_base_batch_size."""
   return config.lr * config.batch_size / config.lr_base_batch_size
 
 
