@@ -22,6 +22,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_image"
   c.data.data_dir = ""
+  c.data.tfds_name = ""            # tfds data: directory name under data_dir ("": c.data.name)
   c.data.image_size = 224
   c.data.num_frames = 0            # 0: images; >0: clips of this many frames
   c.data.num_workers = 0           # grain worker processes (0: in-process)

@@ -23,6 +23,9 @@ def get_config(arg=None):
                             drop_path=ssv2_s.SSV2_DROP_PATH["b"])
   c.data.train_split = f"gym{a.classes}_train"
   c.data.eval_split = f"gym{a.classes}_val"
+  c.data.train_list = f"gym{a.classes}_train.csv"
+  c.data.eval_list = f"gym{a.classes}_val.csv"
+  c.data.num_classes = a.classes
   c.data.mean_per_class = True     # report mean per-class top-1 (FineGym's metric)
   c.remat = True
   return c

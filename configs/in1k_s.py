@@ -43,7 +43,7 @@ def imagenet_config(size: str, a):
   # DeiT augmentation (applied in the input pipeline); mixup/cutmix run on device.
   c.data.crop_scale = (0.08, 1.0)
   c.data.random_flip = True
-  c.data.randaugment = "rand-m9-mstd0.5-inc1"
+  c.data.randaugment = "rand-m9-mstd0.5-inc1"  # DeiT's --aa (timm); "" = off
   c.data.random_erase = 0.25
   c.data.eval_crop_ratio = 0.875    # resize to size / 0.875, centre crop
 

@@ -39,6 +39,10 @@ def kinetics_config(size: str, a):
   video_model(c, size, a, num_classes=400, drop_path=VIDEO_DROP_PATH[size])
 
   c.data.name = "kinetics400"
+  # DATA_DIR/<videos> + list files `relative/path.mp4 label` (UniFormer/mmaction format),
+  # relative to data_dir (README, "Video datasets").
+  c.data.train_list = "train.csv"
+  c.data.eval_list = "val.csv"
   c.data.image_size = 224
   c.data.num_frames = a.frames
   c.data.train_split = "train"

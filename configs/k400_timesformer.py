@@ -40,6 +40,8 @@ def timesformer_config(a, name: str, num_classes: int):
   c.model.kwargs.drop_path_rate = 0.1  # the official VisionTransformer default
 
   c.data.name = name
+  c.data.train_list = "train.csv"  # list files in data_dir (README, "Video datasets")
+  c.data.eval_list = "val.csv"
   c.data.image_size = 224
   c.data.num_frames = 8
   c.data.train_split = "train"

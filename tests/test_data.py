@@ -160,7 +160,7 @@ def test_image_classes_are_shape_and_stripes():
   np.testing.assert_array_equal(img, src[0]["image"])   # deterministic per index
 
 
-@pytest.mark.parametrize("name", ["imagenet2012", "kinetics400", "ssv2"])
+@pytest.mark.parametrize("name", ["imagenet2012"])  # videos: test_video_data.py
 def test_real_datasets_fail_fast_with_a_clear_message(name):
   c = _config(name)
   c.data.data_dir = "/nonexistent/data"

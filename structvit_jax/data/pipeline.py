@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import grain
@@ -105,43 +104,36 @@ def _num_examples(data: ml_collections.ConfigDict, split: str) -> int:
   return int(data.get(key, 4096 if key == "train_examples" else 1024))
 
 
+def _video(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  from structvit_jax.data import video  # imports PyAV only when a video dataset is used
+  return video.build_dataset(data, split, train)
+
+
+def _images(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  from structvit_jax.data import images  # imports tfds only when an image dataset is used
+  return images.build_dataset(data, split, train)
+
+
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str, bool], DatasetSpec]] = {
     "synthetic_image": _synthetic_image,
     "synthetic_video": _synthetic_video,
+    # List file + video folder, decoded with PyAV (video.py).
+    "kinetics400": _video,
+    "ssv2": _video,
+    "diving48": _video,
+    "finegym": _video,
+    # tfds ArrayRecord images (ours from prepare.py, or official tfds imagenet2012): images.py.
+    "imagenet2012": _images,
+    "image_folder": _images,
 }
-
-_TFDS_HOWTO = ("as tfds ArrayRecord data in DATA_DIR/{name}/, prepared by our TensorFlow-free "
-               "builder: `python -m structvit_jax.data.prepare --dataset={name} --src=RAW_DIR "
-               "--data_dir=DATA_DIR`")
-_VIDEO_HOWTO = ("from the videos under DATA_DIR plus one list file per split ('relative/path.mp4 "
-                "label' per line, the UniFormer/mmaction annotation format)")
-# Real datasets: reading them arrives with the real input pipelines (next issue).
-REAL_DATASETS = {
-    "imagenet2012": _TFDS_HOWTO.format(name="imagenet2012"),
-    "image_folder": _TFDS_HOWTO.format(name="image_folder"),
-    "kinetics400": _VIDEO_HOWTO,
-    "ssv2": _VIDEO_HOWTO,
-    "diving48": _VIDEO_HOWTO,
-    "finegym": _VIDEO_HOWTO,
-}
-
 
 def get_dataset(config: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
   """The dataset `config.data.name`, split `split` (a split name such as 'train')."""
-  name, data_dir = config.data.name, config.data.data_dir
+  name = config.data.name
   if name in _BUILDERS:
     return _BUILDERS[name](config.data, split, train)
-  if name in REAL_DATASETS:
-    where = (f"config.data.data_dir={data_dir!r}" if data_dir else
-             "config.data.data_dir (not set: pass --config.data.data_dir=DIR)")
-    state = ("the directory does not exist" if data_dir and not os.path.isdir(data_dir) else
-             "reading real datasets is not implemented yet (next issue: real input pipelines)")
-    raise DatasetNotFoundError(
-        f"dataset {name!r} (split {split!r}) is not available from {where}: {state}. "
-        f"It will be read {REAL_DATASETS[name]}. Until then, train on the built-in datasets: "
-        f"--config=configs/demo.py (synthetic_image) or configs/demo_video.py (synthetic_video).")
-  valid = sorted(_BUILDERS) + sorted(REAL_DATASETS)
-  raise ValueError(f"unknown dataset config.data.name={name!r}; valid names: {', '.join(valid)}")
+  raise ValueError(f"unknown dataset config.data.name={name!r}; valid names: "
+                   f"{', '.join(sorted(_BUILDERS))}")
 
 
 @dataclasses.dataclass(frozen=True)

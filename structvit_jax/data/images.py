@@ -1,0 +1,61 @@
+"""tfds image datasets (`imagenet2012`, `image_folder`) as pipeline `DatasetSpec`s.
+
+Read from config.data.data_dir/<tfds name>/<version>/ (ArrayRecord, written by
+`python -m structvit_jax.data.prepare` or by tfds itself for the official imagenet2012).
+The tfds name is config.data.tfds_name if set (image folders prepared with --name=...),
+else config.data.name. Transforms: transforms.py (DeiT train / resize + centre crop eval).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from structvit_jax.data import builders, transforms
+from structvit_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError,
+                                         DatasetSpec, Normalize)
+
+
+def _missing(data: ml_collections.ConfigDict, tfds_name: str, split: str, why: str
+             ) -> DatasetNotFoundError:
+  data_dir = data.data_dir or "DATA_DIR"
+  dataset = "imagenet2012" if data.name == "imagenet2012" else "image_folder"
+  raw = "RAW_IMAGENET_DIR" if dataset == "imagenet2012" else "IMAGE_FOLDER"
+  name_flag = f" --name={tfds_name}" if tfds_name != dataset else ""
+  return DatasetNotFoundError(
+      f"dataset {data.name!r} (split {split!r}): {why}. Expected tfds ArrayRecord data in "
+      f"{os.path.join(data_dir, tfds_name)}/<version>/ (with dataset_info.json). Prepare it "
+      f"with: python -m structvit_jax.data.prepare --dataset={dataset} --src={raw} "
+      f"--data_dir={data_dir}{name_flag}   (or point --config.data.data_dir at existing "
+      f"data; for a quick run without data use the built-in synthetic datasets: "
+      f"--config=configs/demo.py)")
+
+
+def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  tfds_name = data.get("tfds_name", "") or data.name
+  if not data.data_dir:
+    raise _missing(data, tfds_name, split, "config.data.data_dir is not set "
+                   "(pass --config.data.data_dir=DIR)")
+  prepared = builders.find_prepared(data.data_dir, tfds_name)
+  if prepared is None:
+    why = (f"config.data.data_dir={data.data_dir!r} does not exist"
+           if not os.path.isdir(data.data_dir) else
+           f"no prepared {tfds_name!r} in config.data.data_dir={data.data_dir!r}")
+    raise _missing(data, tfds_name, split, why)
+  try:
+    source, num_classes, _ = builders.open_split(prepared, split)
+  except KeyError as e:
+    raise _missing(data, tfds_name, split, str(e)) from None
+  source = transforms.DecodedImages(source, f"{prepared}:{split}")
+  size = data.image_size
+  norm = lambda: Normalize(IMAGENET_MEAN, IMAGENET_STD)
+  if train:
+    ops = transforms.deit_train(
+        size, norm, scale=tuple(data.get("crop_scale", (0.08, 1.0))),
+        flip=data.get("random_flip", True), randaugment=data.get("randaugment", ""),
+        random_erase=data.get("random_erase", 0.0), mean=IMAGENET_MEAN)
+  else:
+    ops = (transforms.MaskBad(),) + transforms.deit_eval(size, norm,
+                                                         data.get("eval_crop_ratio", 0.875))
+  return DatasetSpec(source, num_classes, (size, size, 3), ops)

@@ -1,0 +1,428 @@
+"""Video datasets (Kinetics-400, Something-Something V2, Diving-48, FineGym) from list files,
+decoded with PyAV inside the grain transforms (so decoding runs in grain worker processes).
+
+Layout (the UniFormer / mmaction annotation format):
+
+  DATA_DIR/train.csv   one video per line: `relative/path.mp4 label` (whitespace separated;
+  DATA_DIR/val.csv     the label is the last field, so paths may contain spaces; blank lines
+  DATA_DIR/<paths>     and lines starting with '#' are skipped; labels are 0-based ints)
+
+Paths are relative to DATA_DIR (config.data.data_dir), or absolute. The list files are
+config.data.train_list / config.data.eval_list (relative to DATA_DIR); unset, the list of
+split S is DATA_DIR/S.csv. The source only returns the path: decoding happens in the
+transform, per example.
+
+Temporal sampling (frame indices into the file's frames; L = number of frames):
+- dense (K400): N frames `rate` apart, a window of W = (N-1)*rate+1 frames. Train: start
+  uniform in [0, L-W]. Test clip k of K: start = floor(k*(L-W)/(K-1)) (evenly spaced, first
+  and last window included; K=1: the centred window floor((L-W)/2), SlowFast's
+  `use_offset` rule). Indices past the end are clamped to L-1 (as SlowFast). `rate` counts
+  frames of the file (mmaction), not SlowFast's re-timed 30 fps (Kinetics is ~30 fps).
+- segment (TSN; SSv2, Diving-48, FineGym): SlowFast's ssv2 `get_seq_frames`: segment i
+  spans [round(s*i), round(s*(i+1))] with s = (L-1)/N; train: a uniform frame of each
+  segment; test: the middle (start+end)//2; test clip k of K > 1: start + (end-start)*(2k+1)//(2K).
+Spatial: train: short side to a size drawn as SlowFast (inverse-uniform in scale_jitter),
+random image_size crop, RandAugment (config.data.randaugment, the same ops on every frame),
+flip unless random_flip=False, normalise, random erasing (config.data.random_erase, one box
+through all frames). Test: short side to image_size, then
+crop k of test_crops: 1 -> centre; 3 -> left/centre/right along the long side (SlowFast
+`uniform_crop`). Eval emits each video's test_clips x test_crops views as separate examples
+(view = clip * test_crops + crop) with its `video_id`; the trainer averages their softmax
+scores per video (SlowFast/UniFormer sum softmax scores over views).
+
+Bad data: an unreadable or missing video is logged once per process with its path and
+counted in the per-example field `bad` (int32). Train: replaced by another video drawn from
+the example's own rng (deterministic). Eval: the view is kept as a blank clip with mask=False
+(excluded from the metrics; replacing it would evaluate a different video).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Any, Sequence
+
+from absl import logging
+import av
+from av.video.reformatter import VideoReformatter
+import grain
+import ml_collections
+import numpy as np
+
+from structvit_jax.data.pipeline import (VIDEO_MEAN, VIDEO_STD, DatasetNotFoundError,
+                                         DatasetSpec, Normalize, RandomFlip)
+
+# Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
+VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
+MAX_RETRIES = 10          # train: replacements tried before giving up (SlowFast NUM_RETRIES)
+SEEK_MIN_FRAMES = 32      # seek first only when the first needed frame is this far in
+BAD_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, RuntimeError)
+
+
+class BadVideoError(RuntimeError):
+  """A video that opens but has no decodable video frames."""
+
+
+# ----------------------------------------------------------------------------- list files
+
+
+def read_list(list_path: str, root: str, num_classes: int) -> list[tuple[str, int]]:
+  """[(absolute path, label)] from a `relative/path.mp4 label` list file."""
+  entries = []
+  with open(list_path) as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      parts = line.rsplit(None, 1)
+      try:
+        if len(parts) != 2:
+          raise ValueError
+        label = int(parts[1])
+      except ValueError:
+        raise ValueError(f"{list_path}:{lineno}: expected 'relative/path.mp4 label' "
+                         f"(integer label), got {line!r}") from None
+      if not 0 <= label < num_classes:
+        raise ValueError(f"{list_path}:{lineno}: label {label} not in [0, {num_classes}) "
+                         f"(set config.data.num_classes if the dataset has more classes)")
+      entries.append((os.path.join(root, parts[0].strip()), label))
+  return entries
+
+
+class VideoListSource:
+  """Random access over (video, view): element i is video i // num_views, view
+  i % num_views. Returns the path only (decoded by the transform, in the workers)."""
+
+  def __init__(self, entries: Sequence[tuple[str, int]], num_views: int = 1):
+    self.entries, self.num_views = list(entries), num_views
+
+  def __len__(self) -> int:
+    return len(self.entries) * self.num_views
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    video, view = divmod(int(index), self.num_views)
+    path, label = self.entries[video]
+    return {"path": path, "label": np.int32(label), "video_id": np.int32(video),
+            "view": np.int32(view)}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def dense_indices(length: int, num: int, rate: int, rng: np.random.Generator | None = None,
+                  clip: int = 0, num_clips: int = 1) -> np.ndarray:
+  """`num` frame indices `rate` apart (module docstring): random window with rng, else
+  test clip `clip` of `num_clips`."""
+  delta = max(length - ((num - 1) * rate + 1), 0)
+  if rng is not None:
+    start = int(rng.integers(0, delta + 1))
+  elif num_clips == 1:
+    start = delta // 2
+  else:
+    start = (clip * delta) // (num_clips - 1)
+  return np.minimum(start + rate * np.arange(num), length - 1)
+
+
+def segment_indices(length: int, num: int, rng: np.random.Generator | None = None,
+                    clip: int = 0, num_clips: int = 1) -> np.ndarray:
+  """One frame per segment (TSN, SlowFast ssv2 `get_seq_frames`; module docstring)."""
+  size = (length - 1) / num
+  starts = np.round(size * np.arange(num)).astype(np.int64)
+  ends = np.round(size * np.arange(1, num + 1)).astype(np.int64)
+  if rng is not None:
+    return rng.integers(starts, ends + 1)
+  return starts + ((ends - starts) * (2 * clip + 1)) // (2 * num_clips)
+
+
+def short_side_shape(height: int, width: int, short: int) -> tuple[int, int]:
+  """(h, w) with the short side `short`, the aspect kept (SlowFast: floor)."""
+  if height <= width:
+    return short, int(math.floor(width / height * short))
+  return int(math.floor(height / width * short)), short
+
+
+def crop_offset(height: int, width: int, size: int, index: int, num_crops: int
+                ) -> tuple[int, int]:
+  """(y, x) of test crop `index` of `num_crops` (1: centre; 3: SlowFast `uniform_crop`,
+  start/centre/end along the long side)."""
+  y, x = int(math.ceil((height - size) / 2)), int(math.ceil((width - size) / 2))
+  pos = 1 if num_crops == 1 else index
+  if pos != 1:
+    if height > width:
+      y = 0 if pos == 0 else height - size
+    else:
+      x = 0 if pos == 0 else width - size
+  return y, x
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_local = threading.local()   # grain may run transforms in threads: one reformatter each
+
+
+def _reformatter() -> VideoReformatter:
+  # av 18 (Python 3.11) rebuilds the rgb conversion per frame unless the reformatter is
+  # reused (STACK.md G13): ~5x faster decoding.
+  if not hasattr(_local, "reformatter"):
+    _local.reformatter = VideoReformatter()
+  return _local.reformatter
+
+
+class VideoReader:
+  """An open video: its frame count and `read(indices, short_side)`."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.container = av.open(path, metadata_errors="ignore")
+    if not self.container.streams.video:
+      self.close()
+      raise BadVideoError(f"no video stream in {path}")
+    self.stream = self.container.streams.video[0]
+    self.stream.codec_context.thread_count = 1  # parallelism comes from grain workers
+    self.num_frames = self.stream.frames or self._count_frames()
+    if self.num_frames <= 0:
+      self.close()
+      raise BadVideoError(f"no video frames in {path}")
+
+  def _count_frames(self) -> int:
+    # Some containers (e.g. webm) carry no frame count: count packets, without decoding.
+    n = sum(1 for p in self.container.demux(self.stream) if p.size)
+    self.container.seek(0)
+    return n
+
+  def close(self) -> None:
+    self.container.close()
+
+  def __enter__(self) -> "VideoReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def read(self, indices: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 [len(indices), h, w, 3], the short side resized to `short_side` (bilinear,
+    in swscale's RGB conversion). Indices past the real end (a frame count in the metadata
+    larger than the decodable frames) get the last frame read."""
+    st = self.stream
+    h, w = short_side_shape(st.codec_context.height, st.codec_context.width, short_side)
+    want, inverse = np.unique(np.asarray(indices), return_inverse=True)
+    out = np.empty((len(want), h, w, 3), np.uint8)
+    got = self._decode(want, out, h, w, seek=int(want[0]) >= SEEK_MIN_FRAMES)
+    if got < 0:  # the seek landed past the first wanted frame: decode from the start
+      self.container.seek(0)
+      got = self._decode(want, out, h, w, seek=False)
+    if got == 0:
+      raise BadVideoError(f"no decodable frames in {self.path}")
+    out[got:] = out[got - 1]   # metadata said more frames than there are
+    return out[inverse.reshape(-1)]
+
+  def _decode(self, want: np.ndarray, out: np.ndarray, h: int, w: int, seek: bool) -> int:
+    """Fills out[j] with frame want[j]; returns how many were filled (-1: bad seek)."""
+    st, fmt = self.stream, _reformatter()
+    start = st.start_time or 0
+    pos = 0
+    if seek and st.average_rate and st.time_base:
+      # The exact-frame recipe (STACK.md section 4): seek to the keyframe before the
+      # target, then read the position of the first decoded frame from its pts.
+      self.container.seek(int(int(want[0]) / st.average_rate / st.time_base) + start,
+                          stream=st, backward=True, any_frame=False)
+      pos = None
+    j = 0
+    for frame in self.container.decode(st):
+      if pos is None:
+        if frame.pts is None:
+          return -1
+        pos = round(float((frame.pts - start) * st.time_base * st.average_rate))
+        if pos > want[0]:
+          return -1
+      while j < len(want) and want[j] == pos:
+        out[j] = fmt.reformat(frame, width=w, height=h, format="rgb24",
+                              interpolation="BILINEAR", threads=1).to_ndarray()
+        j += 1
+      if j == len(want):
+        break
+      pos += 1
+    return j
+
+
+# ----------------------------------------------------------------------------- transforms
+
+_logged_bad: set[str] = set()
+
+
+def _log_bad(path: str, error: Exception) -> None:
+  if path not in _logged_bad:   # once per path and process
+    _logged_bad.add(path)
+    logging.warning("Skipping unreadable video %s: %s: %s", path, type(error).__name__, error)
+
+
+class _ClipConfig:
+  def __init__(self, data: ml_collections.ConfigDict, entries: Sequence[tuple[str, int]]):
+    self.entries = entries
+    self.num_frames, self.size = int(data.num_frames), int(data.image_size)
+    self.sampling = data.get("sampling", "dense")
+    self.rate = int(data.get("sampling_rate", 1) or 1)
+    self.jitter = tuple(int(s) for s in data.get("scale_jitter", (self.size, self.size)))
+    self.clips, self.crops = int(data.get("test_clips", 1)), int(data.get("test_crops", 1))
+
+  def indices(self, length: int, rng=None, clip: int = 0) -> np.ndarray:
+    if self.sampling == "dense":
+      return dense_indices(length, self.num_frames, self.rate, rng, clip, self.clips)
+    return segment_indices(length, self.num_frames, rng, clip, self.clips)
+
+
+class DecodeTrainClip(grain.transforms.RandomMap):
+  """path -> random clip uint8 [T, S, S, 3] (temporal sampling, scale jitter, crop)."""
+
+  def __init__(self, cfg: _ClipConfig):
+    self.cfg = cfg
+
+  def _clip(self, path: str, rng: np.random.Generator) -> np.ndarray:
+    c = self.cfg
+    with VideoReader(path) as reader:
+      idx = c.indices(reader.num_frames, rng)
+      # SlowFast random_short_side_scale_jitter: inverse-uniform (uniform in 1/size).
+      short = int(round(1.0 / rng.uniform(1.0 / c.jitter[1], 1.0 / c.jitter[0])))
+      frames = reader.read(idx, short)
+    y = int(rng.integers(0, frames.shape[1] - c.size + 1))
+    x = int(rng.integers(0, frames.shape[2] - c.size + 1))
+    return frames[:, y:y + c.size, x:x + c.size]
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    video, bad = int(element["video_id"]), 0
+    for _ in range(MAX_RETRIES):
+      path, label = self.cfg.entries[video]
+      try:
+        clip = self._clip(path, rng)
+        return {"image": clip, "label": np.int32(label), "bad": np.int32(bad)}
+      except BAD_ERRORS as e:
+        _log_bad(path, e)
+        bad, video = 1, int(rng.integers(len(self.cfg.entries)))
+    raise RuntimeError(f"{MAX_RETRIES} videos in a row could not be read (last: {path}); "
+                       f"is the dataset readable?")
+
+
+class DecodeEvalClip(grain.transforms.Map):
+  """(path, view) -> the fixed test view uint8 [T, S, S, 3]; `mask` False if unreadable."""
+
+  def __init__(self, cfg: _ClipConfig):
+    self.cfg = cfg
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    c = self.cfg
+    clip_k, crop_k = divmod(int(element["view"]), c.crops)
+    path = element["path"]
+    real = bool(element.get("mask", True))
+    out = {"label": element["label"], "video_id": element["video_id"],
+           "view": element["view"], "bad": np.int32(0)}
+    try:
+      with VideoReader(path) as reader:
+        frames = reader.read(c.indices(reader.num_frames, clip=clip_k), c.size)
+      y, x = crop_offset(frames.shape[1], frames.shape[2], c.size, crop_k, c.crops)
+      out["image"] = frames[:, y:y + c.size, x:x + c.size]
+      out["mask"] = np.bool_(real)
+    except BAD_ERRORS as e:
+      _log_bad(path, e)
+      out["image"] = np.zeros((c.num_frames, c.size, c.size, 3), np.uint8)
+      out["mask"], out["bad"] = np.bool_(False), np.int32(real)  # padding copies not counted
+    return out
+
+
+class VideoRandAugment(grain.transforms.RandomMap):
+  """timm RandAugment (transforms.RandAugment) with the same ops and magnitudes on every
+  frame, as SlowFast/UniFormer's video RandAugment: each frame replays the clip's draws.
+  Applied to the cropped clip (SlowFast: before the crop; cheaper, nearly the same)."""
+
+  def __init__(self, config: str, mean: Sequence[float]):
+    from structvit_jax.data.transforms import RandAugment
+    self.augment = RandAugment(config, mean)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    from PIL import Image
+    seed = int(rng.integers(2**63))
+    frames = [np.asarray(self.augment.random_map({"image": Image.fromarray(f)},
+                                                 np.random.default_rng(seed))["image"])
+              for f in element["image"]]
+    return {**element, "image": np.stack(frames)}
+
+
+class VideoRandomErasing(grain.transforms.RandomMap):
+  """timm/SlowFast RandomErasing, 'pixel' mode, on the normalised clip: with probability p
+  one box (2%-1/3 of the area, aspect in [0.3, 1/0.3]), the same on every frame (SlowFast's
+  `cube` erasing), filled with N(0, 1) noise."""
+
+  def __init__(self, probability: float, min_area: float = 0.02, max_area: float = 1 / 3,
+               min_aspect: float = 0.3):
+    self.p, self.min_area, self.max_area = probability, min_area, max_area
+    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if rng.random() > self.p:
+      return element
+    clip = element["image"]
+    t, h_img, w_img, c = clip.shape
+    for _ in range(10):
+      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
+      aspect = math.exp(rng.uniform(*self.log_aspect))
+      h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+      if w < w_img and h < h_img:
+        top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
+        clip = clip.copy()
+        clip[:, top:top + h, left:left + w] = rng.standard_normal((t, h, w, c), np.float32)
+        return {**element, "image": clip}
+    return element
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _howto(data: ml_collections.ConfigDict) -> str:
+  lists = " and ".join(os.path.basename(list_file(data, split))
+                       for split in (data.train_split, data.eval_split))
+  return (f"Expected: the videos under DATA_DIR and the list files {lists} in it, one "
+          f"video per line: 'relative/path.mp4 label' (the UniFormer/mmaction annotation "
+          f"format; other names via config.data.train_list / eval_list). Pass "
+          f"--config.data.data_dir=DATA_DIR (README, 'Video datasets').")
+
+
+def list_file(data: ml_collections.ConfigDict, split: str) -> str:
+  key = ("train_list" if split == data.train_split else
+         "eval_list" if split == data.eval_split else None)
+  name = (data.get(key) if key else "") or f"{split}.csv"
+  return os.path.join(data.data_dir, name)
+
+
+def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  """The DatasetSpec of video dataset `data.name`, split `split` (module docstring)."""
+  name, root = data.name, data.data_dir
+  if not root or not os.path.isdir(root):
+    state = "config.data.data_dir is not set" if not root else f"{root!r} does not exist"
+    raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}): {state}. {_howto(data)}")
+  path = list_file(data, split)
+  if not os.path.isfile(path):
+    raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}): list file {path!r} "
+                               f"does not exist. {_howto(data)}")
+  num_classes = int(data.get("num_classes", 0) or VIDEO_DATASETS[name])
+  entries = read_list(path, root, num_classes)
+  if not entries:
+    raise DatasetNotFoundError(f"dataset {name!r}: list file {path!r} lists no videos.")
+  cfg = _ClipConfig(data, entries)
+  if cfg.num_frames <= 0 or cfg.sampling not in ("dense", "segment"):
+    raise ValueError(f"{name}: needs config.data.num_frames > 0 (got {cfg.num_frames}) and "
+                     f"sampling 'dense' or 'segment' (got {cfg.sampling!r})")
+  if train and min(cfg.jitter) < cfg.size:
+    raise ValueError(f"config.data.scale_jitter={cfg.jitter} must not be below image_size "
+                     f"{cfg.size} (short side before the random crop)")
+  mean, std = data.get("mean", VIDEO_MEAN), data.get("std", VIDEO_STD)
+  if train:  # SlowFast order: sample, RandAugment, jitter + crop + flip, normalise, erase
+    ops = ((DecodeTrainClip(cfg),)
+           + ((VideoRandAugment(data.randaugment, mean),) if data.get("randaugment") else ())
+           + ((RandomFlip(),) if data.get("random_flip", True) else ())
+           + (Normalize(mean, std),)
+           + ((VideoRandomErasing(data.random_erase),) if data.get("random_erase") else ()))
+    source = VideoListSource(entries)
+  else:
+    source = VideoListSource(entries, cfg.clips * cfg.crops)
+    ops = (DecodeEvalClip(cfg), Normalize(mean, std))
+  return DatasetSpec(source, num_classes, (cfg.num_frames, cfg.size, cfg.size, 3), ops)
