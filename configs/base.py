@@ -63,7 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.resume = ""                    # a checkpoint dir to resume from (after workdir's own)
   c.init_from = ml_collections.ConfigDict()  # pretrained init (weights issue)
-  c.init_from.checkpoint = ""
+  c.init_from.checkpoint = ""      # training checkpoint dir, export dir or official .pth
+  c.init_from.inflate = ""         # 2D -> 3D conv kernels: 'average' (official) | 'centre'
+  c.init_from.drop_head = False    # re-initialise head / aux_head (another class count)
   c.num_train_steps = -1           # >0 overrides num_epochs (smoke runs)
 
   # Multi-host: jax.distributed.initialize() when enabled (auto-detects TPU pods / SLURM;

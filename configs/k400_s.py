@@ -38,6 +38,10 @@ def kinetics_config(size: str, a):
   c = base.get_base_config()
   video_model(c, size, a, num_classes=400, drop_path=VIDEO_DROP_PATH[size])
 
+  # IN1K image weights (or a K400 run for the segment recipes): 2D kernels averaged over
+  # time as the official inflate_weight, new classifier.
+  c.init_from.inflate = "average"
+  c.init_from.drop_head = True
   c.data.name = "kinetics400"
   # DATA_DIR/<videos> + list files `relative/path.mp4 label` (UniFormer/mmaction format),
   # relative to data_dir (README, "Video datasets").

@@ -38,6 +38,7 @@ def timesformer_config(a, name: str, num_classes: int):
   c.model.kwargs.num_classes = num_classes
   c.model.kwargs.attention_type = a.attention
   c.model.kwargs.drop_path_rate = 0.1  # the official VisionTransformer default
+  c.init_from.drop_head = True         # 2-D ViT (or K400) head -> num_classes
 
   c.data.name = name
   c.data.train_list = "train.csv"  # list files in data_dir (README, "Video datasets")

@@ -46,16 +46,22 @@ def create_input(config, split, local_batch_size, seed):
                                process_count=jax.process_count(), seed=seed)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  from structvit_jax.models import get_model, model_fields
-  kwargs = dict(config.model.kwargs)
+def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """The get_model overrides of config's model (JSON-serialisable: dtype as a string)."""
+  from structvit_jax.models import model_fields
+  kwargs = config.model.kwargs.to_dict()
   fields = model_fields(config.model.name)
   kwargs["num_classes"] = num_classes
   if "dtype" in fields:
     kwargs["dtype"] = config.dtype
   if config.remat or "remat" in fields:
     kwargs["remat"] = config.remat
-  return get_model(config.model.name, **kwargs)
+  return kwargs
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  from structvit_jax.models import get_model
+  return get_model(config.model.name, **model_kwargs(config, num_classes))
 
 
 def train_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -296,14 +302,28 @@ class _Setup:
       src.close()
       return state
     state = self.init()
-    if config.init_from.checkpoint:
-      src = ckpt_lib.Checkpointer(config.init_from.checkpoint, read_only=True)
-      loaded = src.restore(self.abstract_sharded)[0]
-      src.close()
-      ema = loaded.params if config.ema_decay > 0 else state.ema_params
-      state = state.replace(params=loaded.params, batch_stats=loaded.batch_stats,
+    init_from = config.init_from
+    if init_from.checkpoint:
+      # A training checkpoint dir, an export or an official .pth; weights.fit inflates 2D
+      # kernels, resizes TimeSformer embeddings, re-initialises the head (drop_head) and puts
+      # StructSA kernels at the identity centre tap for a UniFormer source.
+      from structvit_jax import weights
+      abstract = {"params": self.abstract_state.params,
+                  "batch_stats": self.abstract_state.batch_stats}
+      loaded = weights.init_variables_from(
+          init_from.checkpoint, abstract,
+          lambda: {"params": state.params, "batch_stats": state.batch_stats},
+          inflate_mode=init_from.get("inflate", ""), drop_head=init_from.get("drop_head", False))
+      # Host numpy -> the trainer's shardings (every process loaded the same values).
+      host = lambda t: jax.tree.map(np.asarray, t)
+      params = jax.device_put(host(loaded["params"]), self.shardings.params)
+      batch_stats = jax.device_put(host(loaded["batch_stats"]), self.shardings.batch_stats)
+      ema = params if config.ema_decay > 0 else state.ema_params
+      state = state.replace(params=params, batch_stats=batch_stats,
                             ema_params=jax.tree.map(jnp.copy, ema))
-      logging.info("Initialised params from %s", config.init_from.checkpoint)
+      logging.info("Initialised params from %s (inflate=%r, drop_head=%s)",
+                   init_from.checkpoint, init_from.get("inflate", ""),
+                   init_from.get("drop_head", False))
     return state
 
 
@@ -336,6 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   devices: the devices of the mesh (default: all); tests use a subset.
   """
   setup = _Setup(config, workdir, devices, train=True)
+  if jax.process_index() == 0:  # what `python -m structvit_jax.export` rebuilds the model from
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricWriter(workdir)
   setup.log_model_size(writer)
   train_iter = setup.train_inp.iterator

@@ -192,6 +192,7 @@ class _Source:
 
 class SyntheticImageSource(_Source):
   num_classes = len(IMAGE_CLASSES)
+  class_names = IMAGE_CLASSES
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rng = self._rng(int(index))
@@ -201,6 +202,7 @@ class SyntheticImageSource(_Source):
 
 class SyntheticVideoSource(_Source):
   num_classes = len(MOTIONS)
+  class_names = MOTIONS
 
   def __init__(self, split: str, num_examples: int, image_size: int, num_frames: int,
                seed: int = 0):

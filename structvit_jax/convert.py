@@ -1,0 +1,130 @@
+"""Official PyTorch checkpoint -> structvit_jax export (model.json + Orbax params/).
+
+  python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=uniformer_s --out=EXPORT
+  python -m structvit_jax.convert --src=uniformer_small_tl_224.pth --model=uniformer_s \
+      --set head_dim=32 --set token_labeling=True --out=EXPORT
+  python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=structvit_s_4_1 --out=EXPORT
+  python -m structvit_jax.convert --src=uniformer_small_k400_16x4.pth --model=uniformer_s --out=EXPORT
+  python -m structvit_jax.convert --src=TimeSformer_divST_8x32_224_K400.pyth --model=timesformer_b \
+      --out=EXPORT
+
+Key mapping and layouts: structvit_jax/weights.py. Every checkpoint key must map and every
+model leaf must be filled (StructSA u_k/u_v excepted: identity centre tap), else the error
+lists them. num_classes (and for TimeSformer attention_type, num_frames, img_size, depth,
+embed_dim) come from the checkpoint unless --set / --num_classes say otherwise; a
+different --num_classes re-initialises the head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from structvit_jax import weights
+from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
+from structvit_jax.models import TimeSformer, get_model
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value")
+    k, v = item.split("=", 1)
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v  # a bare string, e.g. attention_type=space_only
+  return out
+
+
+def model_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: dict[str, Any],
+                 num_classes: int | None) -> tuple[dict[str, Any], int]:
+  """get_model overrides for this checkpoint, and the checkpoint's own class count."""
+  from structvit_jax.models import PRESETS
+  kw: dict[str, Any] = {}
+  if PRESETS[model][0] is TimeSformer:
+    kw.update(weights.infer_timesformer_kwargs(
+        sd, overrides.get("patch_size", PRESETS[model][1].get("patch_size", 16))))
+  ckpt_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else None
+  kw.update(overrides)
+  if num_classes is not None:
+    kw["num_classes"] = num_classes
+  elif ckpt_classes is not None:
+    kw.setdefault("num_classes", ckpt_classes)
+  return kw, ckpt_classes
+
+
+def input_spec(model: Any, sd: Mapping[str, np.ndarray], image_size: int, num_frames: int
+               ) -> dict[str, Any]:
+  """Eval input of the converted model: ImageNet mean/std for images, SlowFast's 0.45/0.225
+  for clips (UniFormer video and TimeSformer)."""
+  if isinstance(model, TimeSformer):
+    return dict(kind="video", image_size=model.img_size, num_frames=model.num_frames,
+                mean=VIDEO_MEAN, std=VIDEO_STD)
+  if np.ndim(sd.get("patch_embed1.proj.weight", np.zeros((1,) * 4))) == 5:
+    return dict(kind="video", image_size=image_size, num_frames=num_frames,
+                mean=VIDEO_MEAN, std=VIDEO_STD)
+  return dict(kind="image", image_size=image_size, num_frames=0, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD)
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], model_name: str,
+                       overrides: dict[str, Any] | None = None, num_classes: int | None = None,
+                       image_size: int = 224, num_frames: int = 16, seed: int = 0
+                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Returns (get_model kwargs, variables {'params', 'batch_stats'}, input spec)."""
+  sd = weights.unwrap(sd)  # idempotent: wrappers and the 'model.' prefix
+  kw, ckpt_classes = model_kwargs(model_name, sd, dict(overrides or {}), num_classes)
+  model = get_model(model_name, **kw)
+  spec = input_spec(model, sd, image_size, num_frames)
+  shape = ((1, spec["num_frames"]) if spec["kind"] == "video" else (1,)) + \
+          (spec["image_size"], spec["image_size"], 3)
+  init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
+  abstract = jax.eval_shape(init)
+  drop = ckpt_classes is not None and kw.get("num_classes") != ckpt_classes
+  variables = weights.fit(weights.from_torch(sd, abstract), abstract, init, drop_head=drop)
+  return kw, variables, spec
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m structvit_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--src", required=True, help="official .pth / .pyth checkpoint")
+  p.add_argument("--model", required=True, help="preset (structvit_jax.models.list_models())")
+  p.add_argument("--out", required=True, help="export directory to write")
+  p.add_argument("--set", action="append", default=[], metavar="K=V",
+                 help="get_model field override, e.g. head_dim=32 (repeatable)")
+  p.add_argument("--num_classes", type=int, default=None,
+                 help="default: the checkpoint's; another value re-initialises the head")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--num_frames", type=int, default=16, help="UniFormer video clips")
+  p.add_argument("--class_names", default="", help="text file, one class name per line")
+  args = p.parse_args(argv)
+  try:
+    sd = weights.load_torch_file(args.src)
+    kw, variables, spec = convert_state_dict(sd, args.model, _parse_set(args.set),
+                                             args.num_classes, args.image_size, args.num_frames)
+    names = None
+    if args.class_names:
+      with open(args.class_names) as f:
+        names = [line.strip() for line in f if line.strip()]
+    from structvit_jax.inference import save_export
+    save_export(args.out, args.model, kw, variables, spec, class_names=names,
+                source=f"converted from {args.src}")
+  except (ImportError, ValueError, FileNotFoundError) as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
+  n = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
+  print(f"wrote {args.out}: {args.model} {kw}, {n:,} params, input {spec['kind']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

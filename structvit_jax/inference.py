@@ -1,0 +1,276 @@
+"""Exported models: `save_export` writes one, `load` opens it as a `Predictor`.
+
+Export layout (written by `python -m structvit_jax.export` and `structvit_jax.convert`):
+
+  EXPORT_DIR/params/     Orbax StandardCheckpointer save of {'params', 'batch_stats'}
+  EXPORT_DIR/model.json  {"format": "structvit_jax.export/1", "model": preset name,
+                          "kwargs": get_model overrides (num_classes included, dtype a string),
+                          "input": {"kind": "image"|"video", "image_size", "num_frames",
+                                    "mean", "std", "crop_ratio", "sampling", "sampling_rate"},
+                          "class_names": [...] or null, "source": free text}
+
+`Predictor.logits(x)` runs the model in eval mode on preprocessed float arrays (NHWC images,
+NTHWC clips); `predict(inputs)` adds the eval preprocessing (files or uint8 arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "structvit_jax.export/1"
+_INPUT_KEYS = ("kind", "image_size", "mean", "std")  # num_frames: 0 (images) if absent
+_VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
+
+Input = str | os.PathLike | np.ndarray
+
+
+class InputError(ValueError):
+  """An input that cannot be read or has the wrong shape; the message names it."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _check_input_spec(spec: dict[str, Any]) -> dict[str, Any]:
+  missing = [k for k in _INPUT_KEYS if k not in spec]
+  if missing:
+    raise ValueError(f"input spec lacks {missing}; needs {list(_INPUT_KEYS)}")
+  if spec["kind"] not in ("image", "video"):
+    raise ValueError(f"input kind must be 'image' or 'video', got {spec['kind']!r}")
+  out = dict(spec, image_size=int(spec["image_size"]),
+             num_frames=int(spec.get("num_frames", 0)),
+             mean=[float(m) for m in spec["mean"]], std=[float(s) for s in spec["std"]])
+  if out["kind"] == "image":
+    out.setdefault("crop_ratio", 0.875)
+  else:
+    if out["num_frames"] <= 0:
+      raise ValueError("a video input spec needs num_frames > 0")
+    out.setdefault("sampling", "dense")
+    out.setdefault("sampling_rate", 1)
+    if out["sampling"] not in ("dense", "segment"):
+      raise ValueError(f"sampling must be 'dense' or 'segment', got {out['sampling']!r}")
+  return out
+
+
+def _jsonable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+  out = {}
+  for k, v in kwargs.items():
+    if k == "dtype" and not isinstance(v, str):
+      v = jnp.dtype(v).name  # jnp.bfloat16 -> 'bfloat16' (get_model takes the string)
+    elif isinstance(v, tuple):
+      v = list(v)
+    out[k] = v
+  json.dumps(out)  # fail here, before anything is written, on a non-JSON value
+  return out
+
+
+def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables: Any,
+                input_spec: dict[str, Any], class_names: Sequence[str] | None = None,
+                source: str = "") -> None:
+  """Writes an export (module docstring). variables: {'params': ..., 'batch_stats': ...}
+  ('batch_stats' optional / {} for models without BatchNorm); any arrays (moved to host)."""
+  import orbax.checkpoint as ocp
+  from structvit_jax.models import get_model
+  get_model(model_name, **kwargs)  # fail early on an unknown preset or field
+  spec = _check_input_spec(input_spec)
+  kwargs = _jsonable_kwargs(kwargs)
+  if class_names is not None:
+    class_names = [str(c) for c in class_names]
+    n = kwargs.get("num_classes")
+    if n is not None and len(class_names) != n:
+      raise ValueError(f"{len(class_names)} class names for num_classes={n}")
+  tree = {"params": jax.device_get(variables["params"]),
+          "batch_stats": jax.device_get(variables.get("batch_stats") or {})}
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
+          "class_names": class_names, "source": source}
+  with open(os.path.join(out_dir, "model.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _restore(path: str) -> dict[str, Any]:
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  # Every array onto one device, whatever topology saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        ckptr.metadata(path).item_metadata)
+  tree = ckptr.restore(path, target)
+  ckptr.close()
+  return tree
+
+
+def load(export_dir: str) -> "Predictor":
+  """Opens an export written by `save_export` (from export.py or convert.py)."""
+  from structvit_jax.models import get_model
+  meta_path = os.path.join(export_dir, "model.json")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"{export_dir} is not a structvit_jax export: no model.json "
+                            f"(write one with python -m structvit_jax.export)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  tree = _restore(os.path.join(os.path.abspath(export_dir), "params"))
+  variables = {"params": tree["params"]}
+  if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
+    variables["batch_stats"] = tree["batch_stats"]
+  model = get_model(meta["model"], **meta["kwargs"])
+  return Predictor(model, variables, _check_input_spec(meta["input"]),
+                   meta.get("class_names"), meta)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  from structvit_jax.data.pipeline import Normalize  # the training pipeline's exact op
+  return Normalize(mean, std).map({"image": x})["image"]
+
+
+def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
+  """uint8 HxWx3 (array, or decoded with PIL) -> resize + centre crop (timm eval)."""
+  from PIL import Image
+  from structvit_jax.data.transforms import ResizeCenterCrop
+  if isinstance(x, np.ndarray):
+    if x.ndim != 3 or x.shape[-1] != 3 or x.dtype != np.uint8:
+      raise InputError(f"an image array must be uint8 HxWx3, got {x.dtype} {x.shape}")
+    im = Image.fromarray(x)
+  else:
+    try:
+      im = Image.open(x)
+      im.load()  # PIL reads lazily: force the whole file so a truncated one fails here
+      im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise InputError(f"cannot read image {os.fspath(x)}: {type(e).__name__}: {e}") from None
+  # PIL skips resampling when the size already matches (crop_ratio 1 on synthetic data).
+  im = ResizeCenterCrop(spec["image_size"], spec["crop_ratio"]).map({"image": im})["image"]
+  return np.asarray(im, np.uint8)
+
+
+def _clip_indices(length: int, spec: dict[str, Any]) -> np.ndarray:
+  from structvit_jax.data import video
+  if spec["sampling"] == "dense":  # the centred window (single-clip test sampling)
+    return video.dense_indices(length, spec["num_frames"], int(spec["sampling_rate"]))
+  return video.segment_indices(length, spec["num_frames"])
+
+
+def _video(x: Input, spec: dict[str, Any]) -> np.ndarray:
+  """uint8 TxHxWx3 (array = all frames of a video, or a file decoded with PyAV) -> test
+  sampling of num_frames, short side to image_size, centre crop (video.DecodeEvalClip)."""
+  from structvit_jax.data import video
+  size = spec["image_size"]
+  if isinstance(x, np.ndarray):
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or not len(x):
+      raise InputError(f"a clip array must be uint8 TxHxWx3, got {x.dtype} {x.shape}")
+    frames = x[_clip_indices(len(x), spec)]
+    h, w = video.short_side_shape(frames.shape[1], frames.shape[2], size)
+    if (h, w) != frames.shape[1:3]:
+      from PIL import Image
+      frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h),
+                                                              Image.Resampling.BILINEAR))
+                         for f in frames])
+  else:
+    path = os.fspath(x)
+    try:
+      with video.VideoReader(path) as reader:
+        frames = reader.read(_clip_indices(reader.num_frames, spec), size)
+    except video.BAD_ERRORS as e:
+      raise InputError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+  y, x0 = video.crop_offset(frames.shape[1], frames.shape[2], size, 0, 1)
+  return frames[:, y:y + size, x0:x0 + size]
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+  """An exported model in eval mode: `logits`, `predict`, `top_k`."""
+
+  def __init__(self, model: Any, variables: dict[str, Any], input_spec: dict[str, Any],
+               class_names: Sequence[str] | None, meta: dict[str, Any] | None = None):
+    self.model, self.variables, self.input_spec = model, variables, input_spec
+    self.meta = meta or {}
+    n = int(getattr(model, "num_classes", 0)) or None
+    self.class_names = (list(class_names) if class_names is not None
+                        else [f"class_{i}" for i in range(n or 0)])
+    # jax.jit caches one executable per input shape; the batches in predict are padded to
+    # a few sizes so a stream of inputs compiles only a handful of times.
+    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False).astype(jnp.float32))
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    s = self.input_spec
+    hw = (s["image_size"], s["image_size"], 3)
+    return hw if s["kind"] == "image" else (s["num_frames"], *hw)
+
+  def logits(self, x: Any) -> np.ndarray:
+    """float32 logits [N, classes] of preprocessed inputs (NHWC images / NTHWC clips)."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[1:] != self.input_shape:
+      shape = ", ".join(map(str, self.input_shape))
+      raise ValueError(f"expected preprocessed inputs [N, {shape}], got {x.shape}")
+    return np.asarray(self._apply(self.variables, x))
+
+  def preprocess_one(self, x: Input) -> np.ndarray:
+    """One file path or uint8 array -> float32 model input; InputError if unreadable."""
+    spec = self.input_spec
+    if not isinstance(x, np.ndarray):
+      if not os.path.exists(x):
+        raise InputError(f"cannot read {os.fspath(x)}: no such file")
+      if not os.path.isfile(x):
+        raise InputError(f"cannot read {os.fspath(x)}: not a file")
+      if spec["kind"] == "image" and os.fspath(x).lower().endswith(_VIDEO_EXTS):
+        raise InputError(f"{os.fspath(x)}: a video file, but this model takes images")
+    u8 = _image(x, spec) if spec["kind"] == "image" else _video(x, spec)
+    return _normalize(u8, spec["mean"], spec["std"])
+
+  def preprocess(self, inputs: Sequence[Input]) -> np.ndarray:
+    return np.stack([self.preprocess_one(x) for x in inputs])
+
+  def logits_batched(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """logits of any number of inputs, in padded batches (sizes: powers of 2 <= batch_size)."""
+    out = []
+    for i in range(0, len(x), batch_size):
+      chunk = x[i:i + batch_size]
+      n = len(chunk)
+      padded = min(batch_size, 1 << max(0, math.ceil(math.log2(n))))
+      if padded > n:  # eval mode: examples do not interact, so padding changes nothing
+        chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)])
+      out.append(self.logits(chunk)[:n])
+    return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+  def predict(self, inputs: Sequence[Input] | Input, batch_size: int = 32) -> np.ndarray:
+    """Probabilities [N, classes] of file paths or uint8 arrays (HxWx3 images / TxHxWx3
+    clips, a clip holding all frames of a video), with the eval preprocessing."""
+    if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, np.ndarray)
+                                                   and inputs.dtype == np.uint8
+                                                   and inputs.ndim == len(self.input_shape)):
+      inputs = [inputs]
+    logits = self.logits_batched(self.preprocess(list(inputs)), batch_size)
+    return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+  def top_k(self, inputs: Sequence[Input] | Input, k: int = 5
+            ) -> list[list[tuple[str, float]]]:
+    """For each input, the k most probable (class name, probability), best first."""
+    return self.top_k_of(self.predict(inputs), k)
+
+  def top_k_of(self, probs: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]

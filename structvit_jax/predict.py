@@ -1,0 +1,71 @@
+"""Top-5 classes of image or video files with an exported model:
+
+  python -m structvit_jax.predict --model=EXPORT FILE...
+
+Prints, per file, `FILE` and then `  prob  class` lines, best first. A file that cannot be
+read (missing, corrupt, wrong kind) gets one `error: FILE: why` line on stderr; the others
+are still predicted, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("model", None, "Export directory (python -m structvit_jax.export / "
+                      "structvit_jax.convert).")
+  flags.DEFINE_integer("k", 5, "Classes to print per file.")
+  flags.DEFINE_integer("batch_size", 32, "Files per forward pass.")
+  flags.mark_flags_as_required(["model"])
+
+
+def run(model: str, files: list[str], k: int = 5, batch_size: int = 32) -> int:
+  """Prints the predictions; returns the exit status (1 if any file failed)."""
+  import jax
+  import numpy as np
+  from structvit_jax import inference
+  try:
+    predictor = inference.load(model)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: cannot load model {model!r}: {e}") from None
+  failed = 0
+  for start in range(0, len(files), batch_size):
+    names, inputs = [], []
+    for f in files[start:start + batch_size]:
+      try:
+        inputs.append(predictor.preprocess_one(f))
+        names.append(f)
+      except inference.InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        failed += 1
+    if not inputs:
+      continue
+    logits = predictor.logits_batched(np.stack(inputs), batch_size)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for name, top in zip(names, predictor.top_k_of(probs, k)):
+      print(name)
+      for cls, p in top:
+        print(f"  {p:.4f}  {cls}")
+    sys.stdout.flush()
+  if failed:
+    print(f"{failed} of {len(files)} file(s) could not be read", file=sys.stderr)
+  return 1 if failed else 0
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("usage: python -m structvit_jax.predict --model=EXPORT FILE...")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
+  sys.exit(run(FLAGS.model, argv[1:], FLAGS.k, FLAGS.batch_size))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
