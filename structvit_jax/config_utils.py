@@ -10,6 +10,7 @@ config stays fast.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -86,3 +87,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(out)
   cfg.lock()
   return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """`--set FIELD=VALUE` flags -> get_model overrides; values are Python literals, or bare
+  strings such as aggregation=element."""
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set d=8")
+    key, value = item.split("=", 1)
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out

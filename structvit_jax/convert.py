@@ -18,7 +18,6 @@ different --num_classes re-initialises the head.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from typing import Any, Mapping
 
@@ -27,21 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax import weights
+from structvit_jax import config_utils
 from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 from structvit_jax.models import TimeSformer, get_model
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise ValueError(f"--set {item!r}: expected key=value")
-    k, v = item.split("=", 1)
-    try:
-      out[k] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      out[k] = v  # a bare string, e.g. attention_type=space_only
-  return out
 
 
 def model_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: dict[str, Any],
@@ -109,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     sd = weights.load_torch_file(args.src)
-    kw, variables, spec = convert_state_dict(sd, args.model, _parse_set(args.set),
+    kw, variables, spec = convert_state_dict(sd, args.model, config_utils.parse_overrides(args.set),
                                              args.num_classes, args.image_size, args.num_frames)
     names = None
     if args.class_names:

@@ -108,7 +108,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
     step = steps[-1]
   elif step not in steps:
     raise ExportError(f"no checkpoint of step {step} in {workdir}; steps: {steps}")
-  state = inference._restore(os.path.join(os.path.abspath(workdir), "checkpoints",
+  state = inference.restore_arrays(os.path.join(os.path.abspath(workdir), "checkpoints",
                                           str(step), "state"))
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]

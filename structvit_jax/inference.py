@@ -103,7 +103,8 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
 # ----------------------------------------------------------------------------- reading
 
 
-def _restore(path: str) -> dict[str, Any]:
+def restore_arrays(path: str) -> dict[str, Any]:
+  """An Orbax StandardCheckpointer save, every array on one device."""
   import orbax.checkpoint as ocp
   ckptr = ocp.StandardCheckpointer()
   # Every array onto one device, whatever topology saved it.
@@ -126,7 +127,7 @@ def load(export_dir: str) -> "Predictor":
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  tree = _restore(os.path.join(os.path.abspath(export_dir), "params"))
+  tree = restore_arrays(os.path.join(os.path.abspath(export_dir), "params"))
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
     variables["batch_stats"] = tree["batch_stats"]

@@ -283,14 +283,13 @@ def load_source(path: str) -> dict[Path, np.ndarray] | dict[str, np.ndarray]:
   checkpoint dir (<dir>/<step>/state, the newest step; its params, not EMA) or a PyTorch
   file (returned as a torch state_dict: keys are strings, not paths)."""
   import os
+  from structvit_jax import inference
   if os.path.isfile(path):
     return load_torch_file(path)
   if os.path.isfile(os.path.join(path, "model.json")):
-    from structvit_jax import inference
-    tree = inference._restore(os.path.join(os.path.abspath(path), "params"))
+    tree = inference.restore_arrays(os.path.join(os.path.abspath(path), "params"))
     return flat_paths({"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}})
   # A training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it.
-  import orbax.checkpoint as ocp
   ckdir = os.path.join(path, "checkpoints") if os.path.isdir(
       os.path.join(path, "checkpoints")) else path
   steps = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit()) if os.path.isdir(ckdir) else []
@@ -298,12 +297,7 @@ def load_source(path: str) -> dict[Path, np.ndarray] | dict[str, np.ndarray]:
     raise FileNotFoundError(f"init_from: {path} is neither a file, an export (model.json) "
                             f"nor a checkpoint directory with steps")
   state_dir = os.path.join(os.path.abspath(ckdir), str(steps[-1]), "state")
-  ckptr = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        ckptr.metadata(state_dir).item_metadata)
-  state = ckptr.restore(state_dir, target)
-  ckptr.close()
+  state = inference.restore_arrays(state_dir)
   get = (lambda k: state[k]) if isinstance(state, Mapping) else (lambda k: getattr(state, k))
   return flat_paths({"params": get("params"), "batch_stats": get("batch_stats") or {}})
 

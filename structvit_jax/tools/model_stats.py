@@ -10,13 +10,13 @@ Nothing is allocated: parameters come from `jax.eval_shape`, MACs from the jaxpr
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 
 from absl import app, flags
 
 from structvit_jax import flops
+from structvit_jax.config_utils import parse_overrides
 from structvit_jax.models import get_model, list_models
 
 _MODEL = flags.DEFINE_string("model", None, f"preset: {', '.join(list_models())}")
@@ -25,19 +25,6 @@ _SIZE = flags.DEFINE_integer("size", 224, "input height = width")
 _CLASSES = flags.DEFINE_integer("num_classes", 1000, "classifier outputs")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE override passed to get_model")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
-
-
-def parse_overrides(items: list[str]) -> dict:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set d=8")
-    key, value = item.split("=", 1)
-    try:
-      out[key.strip()] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key.strip()] = value  # a bare string such as aggregation=element
-  return out
 
 
 def model_stats(name: str, frames: int = 0, size: int = 224, num_classes: int = 1000,
