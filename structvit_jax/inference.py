@@ -231,6 +231,12 @@ class Predictor:
   def preprocess_one(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> float32 model input; InputError if unreadable."""
     spec = self.input_spec
+    return _normalize(self.read(x), spec["mean"], spec["std"])
+
+  def read(self, x: Input) -> np.ndarray:
+    """One file path or uint8 array -> the uint8 image / clip the model sees (resized,
+    cropped, frames sampled), before normalisation; InputError if unreadable."""
+    spec = self.input_spec
     if not isinstance(x, np.ndarray):
       if not os.path.exists(x):
         raise InputError(f"cannot read {os.fspath(x)}: no such file")
@@ -238,8 +244,7 @@ class Predictor:
         raise InputError(f"cannot read {os.fspath(x)}: not a file")
       if spec["kind"] == "image" and os.fspath(x).lower().endswith(_VIDEO_EXTS):
         raise InputError(f"{os.fspath(x)}: a video file, but this model takes images")
-    u8 = _image(x, spec) if spec["kind"] == "image" else _video(x, spec)
-    return _normalize(u8, spec["mean"], spec["std"])
+    return _image(x, spec) if spec["kind"] == "image" else _video(x, spec)
 
   def preprocess(self, inputs: Sequence[Input]) -> np.ndarray:
     return np.stack([self.preprocess_one(x) for x in inputs])

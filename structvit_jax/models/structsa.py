@@ -25,6 +25,13 @@ Two implementations with the same parameters and the same outputs:
 Extra non-grid tokens (DeiT's class token) are queries, and plain keys/values: each takes
 part once per structure channel d (its key and value unconvolved), i.e. as a grid site with
 identity kernels. That keeps "centre-tap U^K, U^V == SA" exact with a class token.
+
+On request the layer returns its attention: apply with `mutable=["intermediates"]` and every
+StructSA sows {"attn_grid": A [B, heads, *grid, *grid', D] (grid queries over grid keys),
+"attn_extra": [B, heads, *grid, E, D] (if extra tokens), "strides"} under its own path. The
+fused path then computes the same softmax explicitly (instead of the fused kernel), so the
+captured maps are exactly the weights that produced the output; structvit_jax/viz.py draws
+them. Without the mutable collection nothing is captured and nothing costs extra.
 """
 
 from __future__ import annotations
@@ -67,6 +74,31 @@ def centre_tap_init(noise_std: float = 0.0):
 def _strides(rank: int, stride: int) -> tuple[int, ...]:
   # Stride over H and W only: the last two grid axes (the only axis of a sequence).
   return tuple(1 if a < rank - 2 else stride for a in range(rank))
+
+
+def aggregated_weights(a_grid: Array, u_v: Array, grid: Sequence[int],
+                       strides: Sequence[int]) -> Array:
+  """The final attention map of StructSA on the value grid (Fig. 4): the dynamic kernels
+  kappa_ij = sum_d A_i[j, d] U^V[:, d] of every key site j scattered back onto the sites they
+  read, W_i[j'] = sum_{j, d, m : S j + m - p = j'} A_i[j, d] U^V[m, d, c]; y_i = sum_j' W_i[j'] v_j'.
+
+  That is the transpose of the strided key/value convolution, done as one conv with lhs
+  dilation S. a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
+  with C = heads * head_dim; grid: the value grid. Returns W [Q, *grid, C] in float32.
+  """
+  q_n, *out_grid, h, dd = a_grid.shape
+  rank = len(grid)
+  window_v = u_v.shape[:rank]
+  lhs_spec, rhs_spec, out_spec = layers._layouts(rank)
+  a = a_grid.reshape(q_n, *out_grid, h * dd).astype(jnp.float32)
+  rhs_v = jnp.flip(u_v, axis=tuple(range(rank))).astype(jnp.float32)   # [*Mv, D(in), C(out)]
+  pads_v = []
+  for size, o, m, st in zip(grid, out_grid, window_v, strides):
+    p = (m - 1) // 2
+    pads_v.append((m - 1 - p, size - 1 - (o - 1) * st + p))
+  dims_v = jax.lax.conv_dimension_numbers(a.shape, rhs_v.shape, (lhs_spec, rhs_spec, out_spec))
+  return jax.lax.conv_general_dilated(a, rhs_v, (1,) * rank, pads_v, lhs_dilation=tuple(strides),
+                                      dimension_numbers=dims_v, feature_group_count=h)
 
 
 class StructSA(nn.Module):
@@ -158,7 +190,27 @@ class StructSA(nn.Module):
         v = jnp.concatenate([jnp.repeat(ve, self.d, axis=1), v_t], axis=1)
       else:
         k, v = k_t, v_t
-    return jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    if not self.is_mutable_collection("intermediates"):
+      return jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    # Capture requested: the same softmax(q K~^T / sqrt(hd)) V~, with the weights kept.
+    logits = jnp.einsum("bihc,bjhc->bihj", q * (hd ** -0.5), k, preferred_element_type=jnp.float32)
+    a = jax.nn.softmax(logits, axis=-1)
+    dd = max(self.d, 1)
+    self._capture(a.reshape(b, n, h, -1, dd), n_extra, grid, strides)
+    return jnp.einsum("bihj,bjhc->bihc", a.astype(v.dtype), v)
+
+  def _capture(self, a, n_extra, grid, strides):
+    """Sows the attention of the grid queries, a: [B, Nq, heads, E + N', D] (D = 1 for SA)."""
+    b, _, h, _, dd = a.shape
+    if self.d == 0:  # SA attends the unstrided grid
+      strides = (1,) * len(grid)
+    key_grid = tuple(layers.conv_output_size(g, 1, st) for g, st in zip(grid, strides))
+    a = jnp.moveaxis(a[:, n_extra:], 2, 1)                       # [B, heads, N, E + N', D]
+    out = {"attn_grid": a[:, :, :, n_extra:].reshape(b, h, *grid, *key_grid, dd),
+           "strides": jnp.asarray(strides, jnp.int32)}
+    if n_extra:
+      out["attn_extra"] = a[:, :, :, :n_extra].reshape(b, h, *grid, n_extra, dd)
+    self.sow("intermediates", "attention", out)
 
   # -- reference: the paper's literal definition ---------------------------------------------
   def _reference(self, q, k, v, u_k, u_v, grid, n_extra, strides, window_k, window_v):
@@ -169,6 +221,8 @@ class StructSA(nn.Module):
     if self.d == 0:
       s = jnp.einsum("bihc,bjhc->bhij", q, k, preferred_element_type=f32)
       a = jax.nn.softmax(s, axis=-1)
+      if self.is_mutable_collection("intermediates"):
+        self._capture(jnp.moveaxis(a, 1, 2)[..., None], n_extra, grid, strides)
       return jnp.einsum("bhij,bjhc->bihc", a.astype(v.dtype), v)
 
     dd = self.d
@@ -195,20 +249,14 @@ class StructSA(nn.Module):
     logits = jnp.concatenate([s_extra, s], axis=2)
     logits = jnp.moveaxis(logits, 3, 2).reshape(b, n, h, -1)
     a = jax.nn.softmax(logits, axis=-1).reshape(b, n, h, n_extra + s.shape[2], dd)
-    a_extra, a_grid = a[:, :, :, :n_extra], a[:, :, :, n_extra:]
+    if self.is_mutable_collection("intermediates"):
+      self._capture(a, n_extra, grid, strides)
+    a_extra = a[:, :, :, :n_extra]                               # [B, Nq, heads, E, D]
+    a_grid = jnp.moveaxis(a[:, :, :, n_extra:], 2, 3)            # [B, Nq, N', heads, D]
 
-    # Contextual aggregation: the dynamic kernels sum_d A_i[j, d] U^V[:, d] scattered back
-    # onto the value grid, i.e. the transpose of the strided key/value convolution:
-    # W_i[j'] = sum_{j, d, m : S j + m - p = j'} A_i[j, d] U^V[m, d].
-    a_grid = a_grid.transpose(0, 1, 3, 2, 4).reshape(b * n, *out_grid, h * dd)
-    rhs_v = jnp.flip(u_v, axis=tuple(range(rank))).astype(f32)   # [*Mv, D(in), C(out)]
-    pads_v = []
-    for size, o, m, st in zip(grid, out_grid, window_v, strides):
-      p = (m - 1) // 2
-      pads_v.append((m - 1 - p, size - 1 - (o - 1) * st + p))
-    dims_v = jax.lax.conv_dimension_numbers(a_grid.shape, rhs_v.shape, (lhs_spec, rhs_spec, out_spec))
-    w = jax.lax.conv_general_dilated(a_grid, rhs_v, (1,) * rank, pads_v, lhs_dilation=strides,
-                                     dimension_numbers=dims_v, feature_group_count=h)
+    # Contextual aggregation with the dynamic kernels sum_d A_i[j, d] U^V[:, d], scattered
+    # back onto the value grid.
+    w = aggregated_weights(a_grid.reshape(b * n, *out_grid, h, dd), u_v, grid, strides)
     w = w.reshape(b, n, -1, h, hd)                               # [B, Nq, N, heads, hd]
     y = jnp.einsum("bijhc,bjhc->bihc", w, vg.astype(f32))
     y = y + jnp.einsum("bihe,behc->bihc", a_extra.sum(-1), ve.astype(f32))

@@ -1,0 +1,148 @@
+"""The paper's StructSA figures for one input:
+
+  python -m structvit_jax.visualize --model=EXPORT_OR_PRESET --input=FILE --out=DIR \
+      [--compare=SA_MODEL,CONVSA_MODEL] [--layer=blocks3_7] [--query=4,7] [--head=0]
+
+--model: an export directory (python -m structvit_jax.export) or a preset name (random
+weights, e.g. to see the initialisation). --input: an image, or a video for video models
+(presets: chosen by the file's extension). Writes DIR/fig2_pattern_detectors.png,
+DIR/fig4_attention_maps.png (the model, and every --compare model, side by side) and, for
+clips, DIR/fig3_dynamic_kernels_over_time.png (structvit_jax/viz.py says what each shows).
+--query is in token coordinates of the layer ((row, col) or (t, row, col)); default centre.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("model", None, "Export directory or preset name.")
+  flags.DEFINE_string("input", None, "Image or video file.")
+  flags.DEFINE_string("out", None, "Output directory for the PNGs.")
+  flags.DEFINE_list("compare", [], "More models (exports or presets) for Fig. 4, e.g. the "
+                    "SA and ConvSA models of the same architecture.")
+  flags.DEFINE_string("layer", None, "StructSA layer, e.g. blocks3_7 (default: the last "
+                      "layer of the stage with the largest token grid).")
+  flags.DEFINE_list("query", None, "Query token coordinates, e.g. 3,4 (default: centre).")
+  flags.DEFINE_integer("head", 0, "Attention head; -1 averages over heads.")
+  flags.DEFINE_integer("image_size", None, "Input size (default: the export's, 224 for presets).")
+  flags.DEFINE_integer("frames", None, "Frames per clip (default: the export's, 16 for presets).")
+  flags.DEFINE_integer("seed", 0, "Initialisation seed for presets.")
+  flags.mark_flags_as_required(["model", "input", "out"])
+
+
+def open_model(spec: str, kind: str | None = None, image_size: int | None = None,
+               frames: int | None = None, seed: int = 0) -> Any:
+  """An export directory or a preset name -> inference.Predictor. For presets, `kind`
+  ('image' | 'video') picks the input; image_size / frames override the export's too (the
+  UniFormer family has no fixed token grid)."""
+  import jax
+  import jax.numpy as jnp
+  from structvit_jax import inference
+  from structvit_jax.models import get_model, list_models
+  if os.path.isdir(spec):
+    p = inference.load(spec)
+    new = dict(p.input_spec)
+    if image_size:
+      new["image_size"] = image_size
+    if frames and new["kind"] == "video":
+      new["num_frames"] = frames
+    if new != p.input_spec:
+      p = inference.Predictor(p.model, p.variables, new, p.class_names, p.meta)
+    return p
+  if spec not in list_models():
+    raise ValueError(f"{spec!r} is neither an export directory nor a preset; presets: "
+                     f"{', '.join(list_models())}")
+  model = get_model(spec)
+  input_spec = {"kind": kind or "image", "image_size": image_size or 224,
+                "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "crop_ratio": 0.875}
+  if input_spec["kind"] == "video":
+    input_spec.update(num_frames=frames or 16, sampling="dense", sampling_rate=1)
+  input_spec = inference._check_input_spec(input_spec)
+  p = inference.Predictor(model, {}, input_spec, None, {"model": spec})
+  x = jnp.zeros((1, *p.input_shape), jnp.float32)
+  p.variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(seed), x)
+  return p
+
+
+def _label(spec: str, predictor: Any) -> str:
+  return os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec
+
+
+def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: str | None = None,
+        query: list[int] | None = None, head: int | None = 0, image_size: int | None = None,
+        frames: int | None = None, seed: int = 0) -> list[str]:
+  """Writes the figures; returns their paths."""
+  import numpy as np
+  from structvit_jax import inference
+  from structvit_jax import viz
+  kind = "video" if input_file.lower().endswith(inference._VIDEO_EXTS) else "image"
+  main = open_model(model, kind, image_size, frames, seed)
+  kind = main.input_spec["kind"]
+  raw = main.read(input_file)                     # uint8, what the model sees
+  x = main.preprocess_one(input_file)[None]
+  logits, caps = viz.capture(main.model, main.variables, x)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  top = main.top_k_of(probs, 3)[0]
+  print(f"{input_file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+  cap = viz.pick_layer(caps, layer)
+  print(f"layer {cap.name}: {cap.describe()}, token grid {cap.grid}, {cap.num_heads} heads "
+        f"(captured: {', '.join(caps)})")
+  image = raw if kind == "image" else None
+  q = viz.query_index(cap, query)
+  paths = []
+  if kind == "video":
+    t_frame = min(len(raw) - 1, int(round((q[0] + 0.5) * len(raw) / cap.grid[0] - 0.5)))
+    image = raw[t_frame]
+  if cap.d > 0:
+    paths.append(viz.fig_pattern_detectors(cap, q, os.path.join(out, "fig2_pattern_detectors.png"),
+                                           image=image, head=head))
+  else:
+    print(f"{cap.name} is SA (D = 0): no pattern detectors, Fig. 2 skipped")
+  caps4 = {_label(model, main): cap}
+  for other in compare:
+    p = open_model(other, kind, main.input_spec["image_size"],
+                   main.input_spec.get("num_frames") or None, seed)
+    if p.input_spec["kind"] != kind:
+      raise ValueError(f"--compare model {other} takes {p.input_spec['kind']}s, {model} {kind}s")
+    _, oc = viz.capture(p.model, p.variables, x)
+    caps4[_label(other, p)] = viz.pick_layer(oc, layer or cap.name)
+  paths.append(viz.fig_attention_comparison(caps4, q, os.path.join(out, "fig4_attention_maps.png"),
+                                            image=image, head=head))
+  if kind == "video" and cap.d > 0:
+    paths.append(viz.fig_dynamic_kernels_over_time(
+        cap, q[1:], os.path.join(out, "fig3_dynamic_kernels_over_time.png"), clip=raw, head=head))
+  for p in paths:
+    print(f"wrote {p}")
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
+  from structvit_jax import inference
+  query = [int(v) for v in FLAGS.query] if FLAGS.query else None
+  try:
+    run(FLAGS.model, FLAGS.input, FLAGS.out, FLAGS.compare, FLAGS.layer, query,
+        None if FLAGS.head < 0 else FLAGS.head, FLAGS.image_size, FLAGS.frames, FLAGS.seed)
+  except (inference.InputError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
