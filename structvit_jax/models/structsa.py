@@ -20,7 +20,8 @@ Two implementations with the same parameters and the same outputs:
   'fused' (default): by linearity, q_i . conv_d(K)[j] = conv_d(q_i K^T)[j], so StructSA is
     standard attention of the N queries over the N*D keys K~[j, d] = conv_d(K)[j] and
     values V~[j, d] = conv_d(V)[j]: two depthwise convolutions with channel multiplier D and
-    one `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+    one attention call (models/attention.py: cuDNN flash attention on GPU, the Pallas
+    flash kernel on TPU, XLA elsewhere).
 
 Extra non-grid tokens (DeiT's class token) are queries, and plain keys/values: each takes
 part once per structure channel d (its key and value unconvolved), i.e. as a grid site with
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
+from structvit_jax.models.attention import dot_product_attention
 
 Array = jax.Array
 Dtype = Any
@@ -119,7 +121,7 @@ class StructSA(nn.Module):
   qkv_bias: bool = True
   structure_init_noise: float = 0.0  # 0: exact centre-tap init (StructSA == SA)
   depthwise_impl: str = "auto"     # formulation of the key/value convs (layers.py)
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+  attention_impl: str | None = None  # None/'auto' | 'xla' | 'cudnn' | 'pallas_tpu' (attention.py)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -191,7 +193,7 @@ class StructSA(nn.Module):
       else:
         k, v = k_t, v_t
     if not self.is_mutable_collection("intermediates"):
-      return jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+      return dot_product_attention(q, k, v, self.attention_impl)
     # Capture requested: the same softmax(q K~^T / sqrt(hd)) V~, with the weights kept.
     logits = jnp.einsum("bihc,bjhc->bihj", q * (hd ** -0.5), k, preferred_element_type=jnp.float32)
     a = jax.nn.softmax(logits, axis=-1)

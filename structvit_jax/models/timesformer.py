@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
+from structvit_jax.models.attention import dot_product_attention
 
 Array = jax.Array
 Dtype = Any
@@ -138,7 +139,7 @@ class Attention(nn.Module):
   official Linear(C, 3C), scale head_dim ** -0.5."""
   num_heads: int
   qkv_bias: bool = True
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+  attention_impl: str | None = None  # None/'auto' | 'xla' | 'cudnn' | 'pallas_tpu' (attention.py)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -149,8 +150,7 @@ class Attention(nn.Module):
                               dtype=self.dtype, param_dtype=self.param_dtype)
     qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
-    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                     implementation=self.attention_impl)
+    y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
     return dense(c, name="proj")(y.reshape(b, n, c))
 
 
