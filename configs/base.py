@@ -61,6 +61,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.log_every_steps = 50
+  c.transfer_guard = "disallow"    # implicit transfers in the step dispatch: allow/log/disallow
   c.resume = ""                    # a checkpoint dir to resume from (after workdir's own)
   c.init_from = ml_collections.ConfigDict()  # pretrained init (weights issue)
   c.init_from.checkpoint = ""      # training checkpoint dir, export dir or official .pth

@@ -45,7 +45,10 @@ class MetricWriter:
 
 class Progress:
   """Step time, examples/s and ETA between log points (excludes eval/checkpoint pauses
-  when `pause()`/`resume()` bracket them)."""
+  when `pause()`/`resume()` bracket them), and data_wait: the fraction of that time the
+  loop spent blocked on the input pipeline (`add_data_time`). The loop dispatches one step
+  ahead, so loading overlaps the previous step's compute: ~0 means compute bound, ~1 input
+  bound."""
 
   def __init__(self, total_steps: int, global_batch: int, first_step: int):
     self.total_steps = total_steps
@@ -53,7 +56,11 @@ class Progress:
     self.last_step = first_step
     self.last_time = time.perf_counter()
     self.paused = 0.0
+    self.data_time = 0.0
     self._pause_start = None
+
+  def add_data_time(self, seconds: float) -> None:
+    self.data_time += seconds
 
   def pause(self) -> None:
     self._pause_start = time.perf_counter()
@@ -67,10 +74,11 @@ class Progress:
     now = time.perf_counter()
     steps = max(step - self.last_step, 1)
     dt = max(now - self.last_time - self.paused, 1e-9)
-    self.last_step, self.last_time, self.paused = step, now, 0.0
+    data_wait = min(self.data_time / dt, 1.0)
+    self.last_step, self.last_time, self.paused, self.data_time = step, now, 0.0, 0.0
     step_time = dt / steps
     return dict(step_time=step_time, examples_per_sec=self.global_batch / step_time,
-                eta_min=(self.total_steps - step) * step_time / 60)
+                eta_min=(self.total_steps - step) * step_time / 60, data_wait=data_wait)
 
 
 def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
@@ -80,7 +88,8 @@ def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
   return (f"[{bar}] step {step}/{total} loss {m['loss']:.4f} top1 {m['top1']:.3f} "
           f"top5 {m['top5']:.3f} lr {m['lr']:.3e} gnorm {m['grad_norm']:.3f} "
           f"{m['examples_per_sec']:.1f} ex/s {m['step_time'] * 1e3:.0f} ms/step "
-          f"ETA {m['eta_min']:.1f} min")
+          + (f"data_wait {m['data_wait']:.0%} " if "data_wait" in m else "")
+          + f"ETA {m['eta_min']:.1f} min")
 
 
 def log_console(line: str) -> None:

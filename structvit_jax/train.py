@@ -8,6 +8,7 @@ notebook. Start order: checkpoint in workdir -> config.resume -> config.init_fro
 import functools
 import math
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -210,7 +211,8 @@ def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
   for local in it:
     keys = [k for k in ("image", "label", "mask", "video_id", "bad") if k in local]
     batch = shard_lib.global_batch(mesh, {k: local[k] for k in keys})
-    out = eval_fn(params, batch_stats, batch)
+    with jax.set_mesh(mesh):
+      out = eval_fn(params, batch_stats, batch)
     if "per_example" in out:
       chunks.append(jax.device_get(out.pop("per_example")))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
@@ -396,10 +398,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     flush()  # never checkpoint a state that came from a non-finite loss
     setup.ckpt.save(s, state, train_iter)
 
+  # The step dispatch runs under a transfer guard ('disallow' by default): an implicit
+  # device->host or host->device transfer there (a host sync, or a numpy input that makes
+  # every step re-upload) raises instead of silently stalling the pipeline. The metrics are
+  # fetched one step late, outside the guard, with an explicit jax.device_get.
+  guard = config.get("transfer_guard", "disallow")
   try:
     while step < total:
+      t0 = time.perf_counter()  # time blocked on the input pipeline + host->device copy
       batch = shard_lib.global_batch(setup.mesh, _train_batch(train_iter))
-      state, m = setup.train_fn(state, batch)
+      progress.add_data_time(time.perf_counter() - t0)
+      # The mesh in context lets kernels that must be shard_mapped (Pallas flash attention on
+      # a multi-chip TPU, models/attention.py) see it at trace time.
+      with (jax.set_mesh(setup.mesh), jax.transfer_guard_device_to_host(guard),
+            jax.transfer_guard_host_to_device(guard)):
+        state, m = setup.train_fn(state, batch)
       step += 1
       flush()
       pending = (step, m)
