@@ -191,7 +191,8 @@ def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any
         inflate_mode: str = "", drop_head: bool = False) -> dict:
   """src onto the target's structure and shapes; returns {'params', 'batch_stats'}.
 
-  inflate_mode: '' (shapes must match), 'average' or 'centre' (2D conv kernels into 3D ones).
+  inflate_mode: '' (shapes must match), 'average' or 'centre' (2D conv kernels, and StructSA's
+    U^K / U^V windows, into 3D ones).
   drop_head: head / aux_head from init_fn() (a new classifier, e.g. another class count).
   StructSA u_k / u_v absent from src (a UniFormer source) are the identity centre tap, so
   the model computes what the UniFormer did. init_fn(): the target's freshly initialised
@@ -226,7 +227,7 @@ def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any
         missing.append("/".join(path) + f" {list(shape)}" + (f" (torch: {key})" if key else ""))
       continue
     w = np.asarray(src[path])
-    if w.shape != shape and inflate_mode and path[-1] == "kernel" and \
+    if w.shape != shape and inflate_mode and path[-1] in ("kernel", *STRUCTURE_LEAVES) and \
         w.ndim + 1 == len(shape) and w.shape == shape[1:]:
       w = inflate(w, shape[0], inflate_mode)
     elif w.shape != shape and path[-1] == "pos_embed" and w.ndim == 3 and \

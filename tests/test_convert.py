@@ -519,6 +519,21 @@ def test_inflated_model_on_identical_frames(mode, tol):
     assert np.all(np.isfinite(got)) and not np.allclose(got, want, atol=1e-3)
 
 
+def test_structvit_image_to_video_inflates_structure_kernels():
+  """U^K / U^V windows inflate like conv kernels: centre inflation of a (noisy, non-identity)
+  image StructViT gives its logits on a clip of identical frames."""
+  model = get_model("structvit_tiny", structure_init_noise=0.3)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 32, 32, 3)), jnp.float32)
+  v_img = model.init(jax.random.PRNGKey(0), x)
+  clip = jnp.repeat(x[:, None], 4, axis=1)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), clip)
+  v_vid = weights.fit(weights.flat_paths(v_img), abstract, inflate_mode="centre")
+  u_k = v_vid["params"]["blocks3_0"]["attn"]["u_k"]
+  assert u_k.shape == (3, 3, 3, 2, 64) and not np.any(u_k[0]) and not np.any(u_k[2])
+  np.testing.assert_allclose(model.apply(v_vid, clip), model.apply(v_img, x), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_timesformer_resize_and_drop_head():
   sd = weights.unwrap(timesformer_sd())
   model = get_model("timesformer_tiny", img_size=64, num_frames=8, num_classes=5, embed_dim=32)
