@@ -111,7 +111,7 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
                                            image=image, head=head))
   else:
     print(f"{cap.name} is SA (D = 0): no pattern detectors, Fig. 2 skipped")
-  caps4 = {_label(model, main): cap}
+  caps4 = {}  # the paper's order: the compared models (SA, ConvSA) first, this model last
   for other in compare:
     p = open_model(other, kind, main.input_spec["image_size"],
                    main.input_spec.get("num_frames") or None, seed)
@@ -119,6 +119,7 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
       raise ValueError(f"--compare model {other} takes {p.input_spec['kind']}s, {model} {kind}s")
     _, oc = viz.capture(p.model, p.variables, x)
     caps4[_label(other, p)] = viz.pick_layer(oc, layer or cap.name)
+  caps4[_label(model, main)] = cap
   paths.append(viz.fig_attention_comparison(caps4, q, os.path.join(out, "fig4_attention_maps.png"),
                                             image=image, head=head))
   if kind == "video" and cap.d > 0:

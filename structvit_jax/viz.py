@@ -242,11 +242,12 @@ def key_site(cap: Capture, query: Query) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(rows: int, cols: int, figsize, **kw):
+  # The object API, not pyplot: no global backend switch (notebooks keep inline plots) and
+  # no figure registry to leak.
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(rows, cols, squeeze=False, **kw)
 
 
 def _display(img: np.ndarray | None) -> np.ndarray | None:
@@ -321,7 +322,6 @@ def _frame_slice(cap: Capture, m: np.ndarray, t: int) -> np.ndarray:
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110, bbox_inches="tight")
-  _plt().close(fig)
   return path
 
 
@@ -350,7 +350,6 @@ def fig_pattern_detectors(cap: Capture, query: Query, path: str, image: np.ndarr
   if cap.d == 0:
     raise ValueError(f"layer {cap.name} is SA (D = 0): it has no pattern detectors; "
                      "pick a StructSA model")
-  plt = _plt()
   q = query_index(cap, query)
   maps = pattern_maps(cap, q, head)                                      # [D, *key_grid]
   aggs = context_aggregators(cap, head)                                  # [D, *Mv]
@@ -359,7 +358,7 @@ def fig_pattern_detectors(cap: Capture, query: Query, path: str, image: np.ndarr
   t = q[0] if cap.rank == 3 else 0
   image = _display(image)
   cols = max(cap.d, len(keys)) + 1
-  fig, axes = plt.subplots(3, cols, figsize=(2.2 * cols, 7.0), squeeze=False)
+  fig, axes = _figure(3, cols, (2.2 * cols, 7.0))
   for ax in axes.ravel():
     ax.axis("off")
   who = "mean over heads" if head is None else f"head {head}"
@@ -399,10 +398,9 @@ def fig_attention_comparison(caps: Mapping[str, Capture], query: Query, path: st
   if len(grids) != 1:
     raise ValueError(f"captures have different token grids {sorted(grids)}: compare layers of "
                      "the same stage at the same input size")
-  plt = _plt()
   image = _display(image)
   n = len(caps) + (image is not None)
-  fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 3.2), squeeze=False)
+  fig, axes = _figure(1, n, (2.8 * n, 3.2))
   first = next(iter(caps.values()))
   q = query_index(first, query)
   g2 = _grid2d(first.grid)
@@ -430,7 +428,6 @@ def fig_dynamic_kernels_over_time(cap: Capture, query_hw: Sequence[int] | None, 
     raise ValueError(f"layer {cap.name} has a {cap.rank}-D token grid; Fig. 3 needs a video model")
   if cap.d == 0:
     raise ValueError(f"layer {cap.name} is SA (D = 0): it has no dynamic kernels")
-  plt = _plt()
   tg = cap.grid[0]
   hw = tuple(query_hw) if query_hw is not None else (cap.grid[1] // 2, cap.grid[2] // 2)
   kernels = []
@@ -440,8 +437,8 @@ def fig_dynamic_kernels_over_time(cap: Capture, query_hw: Sequence[int] | None, 
   vlim = max(float(np.abs(k).max()) for k in kernels) or 1.0
   rows = 2 if clip is not None else 1
   ratio = [1.0, 0.5] if clip is not None else [1.0]
-  fig, axes = plt.subplots(rows, tg, figsize=(2.4 * tg, 1.3 + 2.2 * (rows - 1)), squeeze=False,
-                           gridspec_kw={"height_ratios": ratio})
+  fig, axes = _figure(rows, tg, (2.4 * tg, 1.3 + 2.2 * (rows - 1)),
+                      gridspec_kw={"height_ratios": ratio})
   if clip is not None:
     frames = _display(np.asarray(clip))
     for t in range(tg):
