@@ -9,6 +9,7 @@ backend. UniFormer's position / local convolutions and StructSA's key / value co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable, Sequence
@@ -90,32 +91,144 @@ def depthwise_conv(x: Array, kernel: Array, strides: Sequence[int] | None = None
                      f"expected [*window({rank} dims), D, {x.shape[-1]}]")
   if any(k % 2 == 0 for k in window):
     raise ValueError(f"window {window} must be odd in every axis")
-  strides = tuple(strides) if strides is not None else (1,) * rank
+  strides = tuple(int(s) for s in strides) if strides is not None else (1,) * rank
   pads = [((k - 1) // 2, (k - 1) // 2) for k in window]
   impl = resolve_depthwise_impl(impl)
-  kernel = kernel.astype(x.dtype)
   if impl == "xla":
     # Grouped-conv output channels are group-major: o = c * D + d.
-    rhs = jnp.swapaxes(kernel, -1, -2).reshape(*window, 1, c * d)
+    rhs = jnp.swapaxes(kernel.astype(x.dtype), -1, -2).reshape(*window, 1, c * d)
     dims = jax.lax.conv_dimension_numbers(x.shape, rhs.shape, _layouts(rank))
     y = jax.lax.conv_general_dilated(x, rhs, strides, pads, dimension_numbers=dims,
                                      feature_group_count=c)
     return jnp.swapaxes(y.reshape(*y.shape[:-1], c, d), -1, -2)
-  # 'shift': one multiply-add of a shifted, strided input view per tap, in a fori_loop
-  # (unrolled, a 5x5x5 window compiled 5-10x slower and ran no faster; measured on CPU).
+  # The kernel keeps its dtype here so that its gradient is accumulated in float32.
+  return _shift_conv(x, kernel, strides)
+
+
+# 'shift' formulation. Forward: one multiply-add of a shifted, strided input view per tap, in a
+# fori_loop (unrolled, a 5x5x5 window compiled 5-10x slower and ran no faster; measured on CPU).
+# Reverse-mode autodiff through that loop saves a shifted input copy per tap and builds the
+# kernel gradient as an einsum with C as a batch dimension, which XLA:CPU lowers to a
+# transpose plus 64 tiny matvecs per tap (11 ms a tap, 20-330x the forward). The custom VJP
+# below keeps only (x, kernel): dx is the same kind of tap loop over the cotangent (one per
+# stride phase, `_shift_input_grad`); dkernel is one `ones @ (view * g)` matvec per tap (a
+# plain reduce over the leading axes runs 3-4x slower on XLA:CPU). See benchmarks/depthwise.py.
+def _taps(window: Sequence[int]) -> Array:
+  return jnp.asarray(list(itertools.product(*(range(k) for k in window))), jnp.int32)
+
+
+def _tap_view(xp: Array, taps: Array, i: Array, size: Sequence[int],
+              strides: Sequence[int]) -> Array:
+  """xp[:, m + S * j, ...] for tap m = taps[i] and every output position j."""
+  rank = len(strides)
+  start = (0, *(taps[i, a] for a in range(rank)), *(0,) * (xp.ndim - rank - 1))
+  view = jax.lax.dynamic_slice(xp, start, (xp.shape[0], *size, *xp.shape[rank + 1:]))
+  return view[(slice(None), *(slice(None, None, s) for s in strides))]
+
+
+def _pad_spatial(a: Array, pads: Sequence[tuple[int, int, int]]) -> Array:
+  """Zero-pads the grid axes of [B, *grid, ...] with (lo, hi, interior) per axis."""
+  cfg = [(0, 0, 0), *pads, *((0, 0, 0),) * (a.ndim - len(pads) - 1)]
+  return jax.lax.pad(a, jnp.zeros((), a.dtype), cfg)
+
+
+def _shift_forward(x: Array, kernel: Array, strides: tuple[int, ...]) -> Array:
+  rank = x.ndim - 2
+  window = kernel.shape[:rank]
+  d, c = kernel.shape[rank:]
   out = [conv_output_size(n, k, s) for n, k, s in zip(x.shape[1:-1], window, strides)]
-  xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-  taps = jnp.asarray(list(itertools.product(*(range(k) for k in window))), jnp.int32)
-  kflat = kernel.reshape(-1, d, c)
-  size = (x.shape[0], *((o - 1) * s + 1 for o, s in zip(out, strides)), c)
-  every = (slice(None), *(slice(None, None, s) for s in strides))
+  xp = _pad_spatial(x, [((k - 1) // 2, (k - 1) // 2, 0) for k in window])
+  taps, kflat = _taps(window), kernel.astype(x.dtype).reshape(-1, d, c)
+  size = [(o - 1) * s + 1 for o, s in zip(out, strides)]
 
   def tap(i, acc):
-    start = (0, *(taps[i, a] for a in range(rank)), 0)
-    view = jax.lax.dynamic_slice(xp, start, size)[every]
-    return acc + view[..., None, :] * kflat[i]
+    return acc + _tap_view(xp, taps, i, size, strides)[..., None, :] * kflat[i]
 
   return jax.lax.fori_loop(0, kflat.shape[0], tap, jnp.zeros((x.shape[0], *out, d, c), x.dtype))
+
+
+def _shift_input_grad(g: Array, kernel: Array, grid: Sequence[int],
+                      strides: tuple[int, ...]) -> Array:
+  """dx of the 'shift' conv: dx[i] = sum over (m, j) with S * j + m = i + pad of k[m] g[j].
+
+  Polyphase: input positions i = S * q + r of one phase r take only the taps m = r + pad
+  (mod S), each a shifted view of g at offset e = (r + pad - m) / S. So every phase is a
+  stride-1 tap loop over the (undilated) cotangent and the whole costs the forward's MACs;
+  dilating g and running the stride-1 loop cost S^2 times that (a 1x2x2 stride: 4x).
+  """
+  rank = len(grid)
+  window = kernel.shape[:rank]
+  d, c = kernel.shape[rank:]
+  out = g.shape[1:-2]
+  kflat = kernel.reshape(-1, d, c)
+  phases = []  # (r, per-phase grid, [(flat tap, offsets e)])
+  for r in itertools.product(*(range(s) for s in strides)):
+    size = [len(range(ra, n, s)) for ra, n, s in zip(r, grid, strides)]
+    per_axis = [[(m, (ra + (k - 1) // 2 - m) // s) for m in range(k)
+                 if (ra + (k - 1) // 2 - m) % s == 0] for ra, k, s in zip(r, window, strides)]
+    if min(size) == 0 or not all(per_axis):
+      continue
+    taps = [(int(np.ravel_multi_index([m for m, _ in t], window)), [e for _, e in t])
+            for t in itertools.product(*per_axis)]
+    phases.append((r, size, taps))
+  # One zero-padding of g that covers every phase's offsets.
+  lo = [max([0] + [-t[1][a] for _, _, ts in phases for t in ts]) for a in range(rank)]
+  hi = [max([0] + [sz[a] - 1 + t[1][a] - (out[a] - 1) for _, sz, ts in phases for t in ts])
+        for a in range(rank)]
+  gp = _pad_spatial(g, [(l, h, 0) for l, h in zip(lo, hi)])
+  dx = jnp.zeros((g.shape[0], *grid, c), g.dtype)
+  for r, size, taps in phases:
+    index = jnp.asarray([t[0] for t in taps], jnp.int32)
+    starts = jnp.asarray([[e + l for e, l in zip(t[1], lo)] for t in taps], jnp.int32)
+
+    def tap(i, acc, index=index, starts=starts, size=size):
+      return acc + _tap_view(gp, starts, i, size, (1,) * rank) * kflat[index[i]]
+
+    # Accumulate per (d, c) and sum D once after the loop: summing D inside the loop (a reduce,
+    # or D static slices of the minor axes) made dx 7-50x slower on XLA:CPU (D=4, measured).
+    acc = jax.lax.fori_loop(0, len(taps), tap, jnp.zeros((g.shape[0], *size, d, c), g.dtype))
+    acc = sum(acc[..., j, :] for j in range(d))
+    # Put phase r back at positions S * q + r (interior padding), and add the phases.
+    dx = dx + _pad_spatial(acc, [(ra, n - 1 - ra - (sz - 1) * s, s - 1)
+                                 for ra, n, sz, s in zip(r, grid, size, strides)])
+  return dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shift_conv(x: Array, kernel: Array, strides: tuple[int, ...]) -> Array:
+  return _shift_forward(x, kernel, strides)
+
+
+def _shift_conv_fwd(x, kernel, strides):
+  return _shift_forward(x, kernel, strides), (x, kernel)
+
+
+def _shift_conv_bwd(strides, res, g):
+  x, kernel = res
+  rank = x.ndim - 2
+  grid, window = x.shape[1:-1], kernel.shape[:rank]
+  d, c = kernel.shape[rank:]
+  out = g.shape[1:-2]
+  g = g.astype(x.dtype)
+  dx = _shift_input_grad(g, kernel.astype(x.dtype), grid, strides)
+  # dkernel[m] = sum_{b,j} xpad[b, S * j + m] * g[b, j]: per tap, a matvec of ones with the
+  # product (Eigen's matvec; XLA:CPU's reduce over leading axes is several times slower).
+  xp = _pad_spatial(x, [((k - 1) // 2, (k - 1) // 2, 0) for k in window])
+  size = [(o - 1) * s + 1 for o, s in zip(out, strides)]
+  n = int(np.prod(g.shape[:-2]))
+  ones = jnp.ones((n,), x.dtype)
+  taps = _taps(window)
+
+  def dk_tap(i, dk):
+    prod = (_tap_view(xp, taps, i, size, strides)[..., None, :] * g).reshape(n, d * c)
+    row = jnp.dot(ones, prod, preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_slice(dk, row[None], (i, 0))
+
+  dk = jax.lax.fori_loop(0, taps.shape[0], dk_tap, jnp.zeros((taps.shape[0], d * c), jnp.float32))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_shift_conv.defvjp(_shift_conv_fwd, _shift_conv_bwd)
 
 
 def _layouts(rank: int) -> tuple[str, str, str]:
