@@ -33,6 +33,7 @@ import functools
 import gc
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -259,6 +260,71 @@ def time_pipeline(bench: Bench, step, warmup: int, steps: int) -> dict[str, floa
   return dict(step_s=total / steps, fetch_s=fetch / steps)
 
 
+_SKIP_EVENTS = ("ThreadpoolListener", "end: ", "ThunkExecutor", "PjitFunction", "$",
+                "SlinkyThreadPool")
+
+
+def _op_names(exe) -> dict[str, str]:
+  """HLO instruction name -> the jax op it came from (metadata op_name), from the compiled
+  module's text, so the profile's fusion.123 reads as blocks3_0/attn/.../dot_general."""
+  names = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"",
+                       exe.as_text() or "", re.M):
+    names[m.group(1)] = m.group(2)
+  return names
+
+
+def _group(op_name: str) -> str:
+  """jit(train_step)/jvp(UniFormer)/blocks3_5/attn/.../dot_general -> 'blocks3_*/attn/...':
+  one row per kind of op, summed over the blocks of a stage (forward and backward)."""
+  keep = [p for p in op_name.split("/") if not p.startswith(("jit(", "jvp(", "transpose("))]
+  keep = [re.sub(r"^(blocks\d+)_\d+$", r"\1_*", p) for p in keep]
+  blocks = [i for i, p in enumerate(keep) if p.startswith("blocks")]
+  keep = keep[blocks[0]:] if blocks else keep[-3:]
+  return "/".join(keep[:2] + keep[-2:] if len(keep) > 4 else keep)
+
+
+def profile_top_ops(exe, step, batches, steps: int, top: int) -> list[tuple[str, float, float]]:
+  """Traces `steps` steps with jax.profiler and returns the `top` kinds of ops by total time:
+  (op group, ms per step, % of the profiled op time). Device planes (GPU/TPU 'XLA Ops') when
+  present, else the CPU runtime threads (several threads: op time can exceed wall time)."""
+  import glob
+  import tempfile
+  from jax.profiler import ProfileData
+  jax.block_until_ready(step(batches[0]))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      out = None
+      for i in range(steps):
+        out = step(batches[i % len(batches)])
+      jax.block_until_ready(out)
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+      return []
+    data = ProfileData.from_file(files[0])
+  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  if planes:
+    lines = [l for p in planes for l in p.lines if l.name == "XLA Ops"] or \
+            [l for p in planes for l in p.lines]
+  else:
+    lines = [l for p in data.planes if p.name == "/host:CPU" for l in p.lines
+             if l.name != "python"]
+  totals: dict[str, float] = {}
+  for line in lines:
+    for e in line.events:
+      if e.duration_ns <= 0 or e.name.startswith(_SKIP_EVENTS):
+        continue
+      totals[e.name] = totals.get(e.name, 0.0) + e.duration_ns
+  names = _op_names(exe)
+  groups: dict[str, float] = {}
+  for n, t in totals.items():
+    g = _group(names[n]) if n in names else re.sub(r"\.\d+$", "", n)
+    groups[g] = groups.get(g, 0.0) + t
+  whole = sum(groups.values()) or 1.0
+  ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+  return [(g, t / steps / 1e6, 100 * t / whole) for g, t in ranked]
+
+
 def is_oom(e: BaseException) -> bool:
   s = str(e)
   return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
@@ -284,6 +350,9 @@ def measure(a, bench: Bench, row: dict[str, Any], mode: str, ndev: int,
   step_s = statistics.median(times)
   row.update(step_ms=step_s * 1e3, spread_pct=100 * (max(times) - min(times)) / step_s,
              windows=len(times), per_sec=batch / step_s)
+  if a.profile:
+    row["top_ops"] = profile_top_ops(exe, step, bench.batches, max(2, min(a.steps, 5)),
+                                     a.profile)
   peak = runtime_peak_bytes()
   row["runtime_peak_mib"] = None if peak is None else peak / 2**20
   if macs is not None:
@@ -394,6 +463,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--peak_tflops", type=float, default=0.0,
                   help="per-device bf16 peak for MFU (0: from the device table)")
   ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+  ap.add_argument("--profile", type=int, default=0, metavar="N",
+                  help="trace a few steps with jax.profiler and print the N ops that take "
+                       "the most time (what limits speed)")
   a = ap.parse_args(argv)
   if a.sweep:
     a.model, a.inputs, a.mode, a.frames = ",".join(SWEEP_MODELS), "image,video", "both", SWEEP_FRAMES
@@ -488,6 +560,10 @@ def main(argv=None) -> int:
             row["note"] = f"ERROR {type(mode_err).__name__}: {msg}"
             print(f"# {case} {mode}: {mode_err!r}", file=sys.stderr)
         emit(json.dumps(dict(kind="row", **row)) if a.json else table_row(row))
+        if row.get("top_ops") and not a.json:
+          emit(f"#   top ops, {model} {input_name} {mode} (ms/step, % of op time):")
+          for op, ms, pct in row["top_ops"]:
+            emit(f"#     {ms:9.1f} ms {pct:5.1f}%  {op}")
       bench = None
       gc.collect()  # free this case's state before the next one is built
   if not a.json:
