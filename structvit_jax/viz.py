@@ -272,14 +272,15 @@ def _mark(ax, pos: tuple[int, int], grid: tuple[int, int], extent: tuple[float, 
   ax.plot([x], [y], marker="o", color="red", markersize=6, fillstyle="none")
 
 
-def _map_panel(ax, m: np.ndarray, image: np.ndarray | None, title: str, query2d=None,
+def _map_panel(ax, m: np.ndarray | None, image: np.ndarray | None, title: str, query2d=None,
                grid2d=None, vmax=None):
   """A 2-D map over the token grid, over the image if given (nearest upsampling)."""
   if image is not None:
     h, w = image.shape[:2]
     ax.imshow(image, extent=(0, w, h, 0))
-    ax.imshow(m, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
-              vmin=0, vmax=vmax)
+    if m is not None:
+      ax.imshow(m, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
+                vmin=0, vmax=vmax)
     if query2d is not None:
       _mark(ax, query2d, grid2d, (h, w))
   else:
@@ -364,7 +365,7 @@ def fig_pattern_detectors(cap: Capture, query: Query, path: str, image: np.ndarr
   who = "mean over heads" if head is None else f"head {head}"
   if image is not None:
     axes[0, 0].axis("on")
-    _map_panel(axes[0, 0], np.zeros(_grid2d(cap.grid)), image, "input, query i",
+    _map_panel(axes[0, 0], None, image, "input, query i",
                _query2d(cap, q), _grid2d(cap.grid), vmax=1)
   vmax = float(maps.max())
   for d in range(cap.d):
@@ -406,7 +407,7 @@ def fig_attention_comparison(caps: Mapping[str, Capture], query: Query, path: st
   g2 = _grid2d(first.grid)
   col = 0
   if image is not None:
-    _map_panel(axes[0, 0], np.zeros(g2), image, "input, query i", _query2d(first, q), g2, vmax=1)
+    _map_panel(axes[0, 0], None, image, "input, query i", _query2d(first, q), g2)
     col = 1
   for label, cap in caps.items():
     w = final_attention(cap, q, head)
