@@ -25,12 +25,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
            XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ STEPS = dict(num_train_steps=3, log_every_steps=3, checkpoint_every_steps=100,
              **{"data.eval_examples": 16})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
 
 def _wrap_dispatch(monkeypatch, wrapper):

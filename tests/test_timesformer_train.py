@@ -18,13 +18,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's cheap compile mode, as tests/test_train.py: compiles dominate these tests."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
 
 def tiny_recipe(scheme: str):

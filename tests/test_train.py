@@ -115,13 +115,7 @@ def read_params(workdir: pathlib.Path, step: int | None = None):
 # ----------------------------------------------------------------------------- in-process
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """XLA's cheap compile mode (as flax's model tests): compiles dominate these tests."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
 
 @pytest.fixture(scope="module")

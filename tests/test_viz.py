@@ -13,12 +13,7 @@ from structvit_jax.data import synthetic
 from structvit_jax.models import StructSA, get_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
 
 def image(size=64, label=3, seed=0):
