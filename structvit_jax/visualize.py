@@ -76,7 +76,7 @@ def open_model(spec: str, kind: str | None = None, image_size: int | None = None
   return p
 
 
-def _label(spec: str, predictor: Any) -> str:
+def _label(spec: str) -> str:
   return os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec
 
 
@@ -118,8 +118,8 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
     if p.input_spec["kind"] != kind:
       raise ValueError(f"--compare model {other} takes {p.input_spec['kind']}s, {model} {kind}s")
     _, oc = viz.capture(p.model, p.variables, x)
-    caps4[_label(other, p)] = viz.pick_layer(oc, layer or cap.name)
-  caps4[_label(model, main)] = cap
+    caps4[_label(other)] = viz.pick_layer(oc, layer or cap.name)
+  caps4[_label(model)] = cap
   paths.append(viz.fig_attention_comparison(caps4, q, os.path.join(out, "fig4_attention_maps.png"),
                                             image=image, head=head))
   if kind == "video" and cap.d > 0:
