@@ -6,8 +6,8 @@
 # `--config.distributed.enabled=True` makes every process call jax.distributed.initialize()
 # without arguments, which finds the other workers of the slice by itself on a TPU VM.
 #
-#   TPU_NAME=my-pod ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 WORKDIR=/mnt/shared/run1 \
-#     launch/tpu_pod.sh configs/in1k_s.py --config.data.data_dir=/mnt/shared/tfds
+#   TPU_NAME=my-pod ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 WORKDIR=/mnt/nfs/run1 \
+#     launch/tpu_pod.sh configs/in1k_s.py --config.data.data_dir=/mnt/nfs/tfds
 #
 # Usage: launch/tpu_pod.sh CONFIG [structvit_jax.main flags...]
 #   CONFIG is a config file path relative to the repository root (variants allowed:

@@ -3,7 +3,7 @@
 One mesh axis, 'data', over every device of every process. Params are replicated by default;
 with FSDP each array is split over 'data' along its largest divisible dimension. The jitted
 step runs on global arrays (GSPMD, no pmap), so BatchNorm statistics are over the global
-batch (STACK.md G2).
+batch (docs/platform_notes.md, "Meshes and sharding").
 """
 
 import os
@@ -38,7 +38,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D ('data',) mesh with Auto axis types (classic GSPMD; STACK.md G3)."""
+  """A 1-D ('data',) mesh with Auto axis types: classic GSPMD propagation, not the Explicit
+  axes jax.make_mesh creates by default (docs/platform_notes.md)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
 

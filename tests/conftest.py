@@ -1,5 +1,5 @@
 """Test set-up: 8 simulated CPU devices (before any JAX backend use) and parsed absl flags
-(grain workers read flags; ../shared/STACK.md G1, G6)."""
+(grain workers read flags); see docs/platform_notes.md, "Tests"."""
 
 import os
 

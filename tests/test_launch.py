@@ -83,7 +83,7 @@ def _calls(log: pathlib.Path) -> list[list[str]]:
 
 def test_tpu_pod_rejects_bad_arguments(tmp_path, fake_gcloud):
   script = str(REPO / "launch/tpu_pod.sh")
-  base = dict(TPU_NAME="pod", ZONE="us-central2-b", WORKDIR="/mnt/shared/run")
+  base = dict(TPU_NAME="pod", ZONE="us-central2-b", WORKDIR="/mnt/nfs/run")
   cases = [
       ([], base, "missing CONFIG"),
       (["configs/demo.py"], dict(base, ZONE=""), "set ZONE"),
@@ -98,7 +98,7 @@ def test_tpu_pod_rejects_bad_arguments(tmp_path, fake_gcloud):
 
 
 def test_tpu_pod_creates_copies_installs_and_trains(tmp_path, fake_gcloud):
-  env = _clean_env(tmp_path, TPU_NAME="pod", ZONE="us-central2-b", WORKDIR="/mnt/shared/run",
+  env = _clean_env(tmp_path, TPU_NAME="pod", ZONE="us-central2-b", WORKDIR="/mnt/nfs/run",
                    ACCELERATOR_TYPE="v4-32", PROJECT="proj")
   r = subprocess.run(["bash", str(REPO / "launch/tpu_pod.sh"), "configs/demo.py:epochs=1",
                       "--config.batch_size=128", "--config.data.data_dir=/mnt/a b"],
@@ -116,7 +116,7 @@ def test_tpu_pod_creates_copies_installs_and_trains(tmp_path, fake_gcloud):
   # The remote command line, as the workers' shell will split it.
   words = shlex.split(run.split("&& ", 2)[-1])
   assert words == ["python", "-m", "structvit_jax.main", "--config=configs/demo.py:epochs=1",
-                   "--workdir=/mnt/shared/run", "--config.distributed.enabled=True",
+                   "--workdir=/mnt/nfs/run", "--config.distributed.enabled=True",
                    "--config.batch_size=128", "--config.data.data_dir=/mnt/a b"], run
 
   # An existing slice is reused; SKIP_SETUP=1 goes straight to training.
@@ -144,7 +144,7 @@ def fake_srun(tmp_path):
 def _sbatch(tmp_path, **env):
   base = dict(SLURM_JOB_ID="123", SLURM_JOB_NUM_NODES="2", SLURM_CPUS_ON_NODE="32",
               SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO), PYTHON="fakepython",
-              CONFIG="configs/demo.py", WORKDIR="/shared/run", FAKE_LOCALID="3",
+              CONFIG="configs/demo.py", WORKDIR="/nfs/run", FAKE_LOCALID="3",
               FAKE_VISIBLE="3")
   base.update(env)
   return subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "--config.seed=1"],
@@ -161,7 +161,7 @@ def test_slurm_one_task_per_gpu(tmp_path, fake_srun):
     assert flag in srun_args, srun_args
   assert task == [
       "JAX_LOCAL_DEVICE_IDS=0", "-m", "structvit_jax.main", "--config=configs/demo.py",
-      "--workdir=/shared/run", "--config.distributed.enabled=True", "--config.seed=1"]
+      "--workdir=/nfs/run", "--config.distributed.enabled=True", "--config.seed=1"]
 
 
 def test_slurm_device_ids_without_binding_and_per_node(tmp_path, fake_srun):

@@ -11,7 +11,8 @@ from structvit_jax.models.timesformer import (ATTENTION_TYPES, attention_stages,
                                               nearest_indices)
 from structvit_jax.tools.model_stats import model_stats
 
-# Official counts (PEER_MODELS §3; fvcore GFLOPs). L+G / axial: ours (no official code).
+# Official counts (fvcore GFLOPs on the official code, docs/flops.md). L+G / axial: ours (no
+# official code).
 
 
 @pytest.mark.parametrize("scheme,params,gflops", [
