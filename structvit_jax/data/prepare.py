@@ -290,7 +290,8 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
     if not keep:  # tfds would stop with "No examples were yielded"
       raise errors.UserError(
           f"split {split}: none of its {len(split_items)} image(s) in {src} can be read"
-          + (f" (e.g. {bad[0]}: {status_of[split_items[0].file_name]})" if bad else "")
+          + (f" (e.g. {bad[0]}: "
+             f"{status_of[split_items[0].file_name].removeprefix('error: ')})" if bad else "")
           + "; fix or remove them (or the split folder) and run again")
     summary.skipped[split] = bad
     summary.num_examples[split] = len(keep)
