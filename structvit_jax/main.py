@@ -104,13 +104,14 @@ def main(argv):
     config.distributed.process_id = FLAGS.process_id
   check_config(config)
   check_workdir(FLAGS.workdir)
-  # The whole config is in WORKDIR/config.json: the log names only where it came from.
-  overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
-  logging.info("Config: %s; all values in %s", " ".join(overrides),
-               os.path.join(FLAGS.workdir, "config.json"))
+  overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config"))
   if config.eval_only:
+    logging.info("Config: %s\n%s", overrides, config)
     train.evaluate(config, FLAGS.workdir)
   else:
+    # The trainer writes every value to WORKDIR/config.json: the log names the flags only.
+    logging.info("Config: %s; all values in %s", overrides,
+                 os.path.join(FLAGS.workdir, "config.json"))
     train.train_and_evaluate(config, FLAGS.workdir)
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()

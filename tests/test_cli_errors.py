@@ -15,6 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+FAST_COMPILES = True  # visualize --head=7 runs a tiny model before it can name the heads
 
 
 def run_cli(module: str, args: list[str], out_path: str) -> tuple[int, str]:
