@@ -83,3 +83,16 @@ def test_prepare_refuses_a_split_with_no_readable_image(tmp_path):
   bad.write_bytes(b"not an image")
   with pytest.raises(errors.UserError, match="split validation: none of its 1 image"):
     prepare.prepare("image_folder", str(tmp_path / "src"), str(tmp_path / "out"))
+
+
+def test_a_missing_validation_split_names_the_flag(tmp_path, caplog):
+  from etils import epath
+  from structvit_jax.data import builders, prepare
+  _png(tmp_path / "src" / "train" / "cat" / "a.png")
+  _png(tmp_path / "src" / "train" / "dog" / "sub" / "b.png")
+  with caplog.at_level(logging.WARNING):
+    summary = prepare.prepare("image_folder", str(tmp_path / "src"), str(tmp_path / "out"))
+  assert summary.num_examples == {"train": 2}            # the nested image included
+  assert "--config.data.eval_split=" in caplog.text
+  with pytest.raises(KeyError, match="--config.data.eval_split="):
+    builders.open_split(epath.Path(summary.directory), "validation")
