@@ -20,10 +20,11 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from structvit_jax import errors
 from structvit_jax import inference
 
 
-class ExportError(RuntimeError):
+class ExportError(errors.UserError, RuntimeError):
   """A workdir that cannot be exported; the message says why and what to run."""
 
 
@@ -99,6 +100,12 @@ def _head_classes(params: Any) -> int:
 def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True) -> str:
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ExportError(f"--out={out} is a file; give a new directory (or an earlier export "
+                      "to replace)")
+  if not os.path.isdir(workdir):
+    raise ExportError(f"--workdir={workdir} is not a directory (the --workdir of a "
+                      "training run)")
   config = read_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -142,12 +149,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  try:
-    print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, use_ema=not FLAGS.no_ema))
-  except ExportError as e:
-    raise SystemExit(f"error: {e}") from None
+  print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, use_ema=not FLAGS.no_ema))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.quiet_library_logs()
+  errors.run(main)

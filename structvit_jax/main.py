@@ -2,7 +2,15 @@
 
 Variants through the config string (configs/in1k_s.py:d=8,stride=1), overrides with
 --config.x=y. The multi-host flags override config.distributed for launchers.
+A mistake in the flags or config is one `error:` line and exit status 2; a fault of the run
+(non-finite loss, disk full) one line and status 1; --verbose shows tracebacks
+(structvit_jax/errors.py).
 """
+
+import difflib
+import os
+import sys
+import uuid
 
 from absl import app
 from absl import flags
@@ -10,6 +18,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from structvit_jax import config_utils
+from structvit_jax import errors
 from structvit_jax import train
 
 FLAGS = flags.FLAGS
@@ -20,6 +30,65 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+  near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+  return f"did you mean {', '.join(near)}? " if near else ""
+
+
+def check_config(config) -> None:
+  """The mistakes that can be named before anything is built (errors.UserError)."""
+  from structvit_jax import models
+  from structvit_jax.data import pipeline
+  valid = models.list_models()
+  if config.model.name not in valid:
+    raise errors.UserError(
+        f"--config.model.name={config.model.name}: unknown model; "
+        f"{_nearest(config.model.name, valid)}valid names: {', '.join(valid)}")
+  datasets = sorted(pipeline._BUILDERS)
+  if config.data.name not in datasets:
+    raise errors.UserError(
+        f"--config.data.name={config.data.name}: unknown dataset; "
+        f"{_nearest(config.data.name, datasets)}valid names: {', '.join(datasets)}")
+  if config.batch_size <= 0:
+    raise errors.UserError(f"--config.batch_size={config.batch_size}: must be positive")
+  if config.eval_batch_size < 0:
+    raise errors.UserError(f"--config.eval_batch_size={config.eval_batch_size}: must be "
+                           ">= 0 (0: the training batch size)")
+  if config.grad_accum_steps <= 0:
+    raise errors.UserError(f"--config.grad_accum_steps={config.grad_accum_steps}: must be "
+                           "positive")
+  if not config.distributed.enabled:  # multi-host: counted after jax.distributed starts
+    ndev = jax.device_count()
+    eval_bs = config.eval_batch_size or config.batch_size
+    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+      if bs % ndev:
+        raise errors.UserError(
+            f"--config.{name}={bs}: must be divisible by the {ndev} devices "
+            f"(e.g. --config.{name}={max(ndev, bs // ndev * ndev)})")
+  if config.data.name.startswith("synthetic_"):  # sizes known without reading data
+    n = config.data.train_examples
+    if not config.eval_only and config.batch_size > n:
+      raise errors.UserError(
+          f"--config.batch_size={config.batch_size}: larger than the {n} training examples "
+          f"(config.data.train_examples); lower it or raise train_examples")
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates workdir; a file or an unwritable place is one UserError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
+                           "or existing directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(f"--workdir={workdir} is not writable ({e.strerror}); give a "
+                           "directory on a writable disk") from e
 
 
 def main(argv):
@@ -33,19 +102,21 @@ def main(argv):
     config.distributed.num_processes = FLAGS.num_processes
   if FLAGS.process_id is not None:
     config.distributed.process_id = FLAGS.process_id
-  logging.info("Config:\n%s", config)
-  try:
-    if config.eval_only:
-      train.evaluate(config, FLAGS.workdir)
-    else:
-      train.train_and_evaluate(config, FLAGS.workdir)
-  except (FileNotFoundError, FloatingPointError) as e:
-    # Missing dataset / checkpoint, non-finite loss: the message says what and how to fix it.
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+  check_config(config)
+  check_workdir(FLAGS.workdir)
+  overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config"))
+  if config.eval_only:
+    logging.info("Config: %s\n%s", overrides, config)
+    train.evaluate(config, FLAGS.workdir)
+  else:
+    # The trainer writes every value to WORKDIR/config.json: the log names the flags only.
+    logging.info("Config: %s; all values in %s", overrides,
+                 os.path.join(FLAGS.workdir, "config.json"))
+    train.train_and_evaluate(config, FLAGS.workdir)
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.quiet_library_logs()
+  errors.run(main, check_argv=config_utils.check_config_argv)

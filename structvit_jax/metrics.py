@@ -65,6 +65,10 @@ class Progress:
   def pause(self) -> None:
     self._pause_start = time.perf_counter()
 
+  def add_pause(self, seconds: float) -> None:
+    """Excludes `seconds` (e.g. the first step's compile) from step time and ETA."""
+    self.paused += seconds
+
   def resume(self) -> None:
     if self._pause_start is not None:
       self.paused += time.perf_counter() - self._pause_start

@@ -19,8 +19,16 @@ def scaled_lr(config: ml_collections.ConfigDict) -> float:
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
                   steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from warmup_lr to the scaled lr, then cosine to min_lr (or steps)."""
+  """Linear warm-up from warmup_lr to the scaled lr, then cosine to min_lr (or steps).
+
+  The schedule's epochs (warmup_epochs, lr_step_epochs) are data epochs, except with
+  config.num_train_steps > 0, which sets the run's length: then they keep their share of
+  the run, an epoch of the schedule being num_train_steps / num_epochs steps (a 60-step
+  run of a 10-epoch recipe with 0.5 warm-up epochs warms up for 3 steps, not 59).
+  """
   peak = scaled_lr(config)
+  if config.get("num_train_steps", -1) > 0 and config.get("num_epochs", 0) > 0:
+    steps_per_epoch = total_steps / config.num_epochs
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   if config.schedule == "cosine":

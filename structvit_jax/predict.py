@@ -21,8 +21,8 @@ FLAGS = flags.FLAGS
 def _define_flags() -> None:
   flags.DEFINE_string("model", None, "Export directory (python -m structvit_jax.export / "
                       "structvit_jax.convert).")
-  flags.DEFINE_integer("k", 5, "Classes to print per file.")
-  flags.DEFINE_integer("batch_size", 32, "Files per forward pass.")
+  flags.DEFINE_integer("k", 5, "Classes to print per file.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 32, "Files per forward pass.", lower_bound=1)
   flags.mark_flags_as_required(["model"])
 
 
@@ -30,11 +30,14 @@ def run(model: str, files: list[str], k: int = 5, batch_size: int = 32) -> int:
   """Prints the predictions; returns the exit status (1 if any file failed)."""
   import jax
   import numpy as np
+  from structvit_jax import errors
   from structvit_jax import inference
+  if k < 1 or batch_size < 1:
+    raise errors.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
   try:
     predictor = inference.load(model)
   except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: cannot load model {model!r}: {e}") from None
+    raise errors.UserError(f"cannot load model {model!r}: {e}") from None
   failed = 0
   for start in range(0, len(files), batch_size):
     names, inputs = [], []
@@ -67,5 +70,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from structvit_jax import errors
   _define_flags()
-  app.run(main)
+  errors.quiet_library_logs()
+  errors.run(main, workdir_flag=None)

@@ -254,6 +254,7 @@ class _Setup:
     self.num_classes = self.eval_inp.num_classes
     self.input_shape = tuple(self.eval_inp.input_shape)
     self.model = build_model(config, self.num_classes)
+    self.model_name = config.model.name  # the preset, e.g. structvit_tiny (a UniFormer)
     n_train = self.train_inp.num_examples if train else self.eval_inp.num_examples
     self.total_steps, self.steps_per_epoch = train_steps(config, n_train)
     self.schedule = optim.make_schedule(config, self.total_steps, self.steps_per_epoch)
@@ -288,8 +289,8 @@ class _Setup:
       gmacs = flops.count_model_macs(self.model, self.input_shape)["total"] / 1e9
     except Exception as e:  # the count is informative only; never block training on it
       logging.warning("GFLOPs count failed: %s", e)
-    logging.info("Model %s: %.3f M params, %s GFLOPs (MACs) per example", self.model.name
-                 or type(self.model).__name__, n_params / 1e6,
+    logging.info("Model %s (%s): %.3f M params, %s GFLOPs (MACs) per example",
+                 self.model_name, type(self.model).__name__, n_params / 1e6,
                  "?" if gmacs is None else f"{gmacs:.3f}")
     writer.scalars(0, {"model/params_M": n_params / 1e6,
                        **({} if gmacs is None else {"model/gflops": gmacs})})
@@ -376,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bad_total = 0.0                 # unreadable examples replaced so far in this run
   pending = None                  # (step, device metrics): fetched one step late
   eval_results: dict = {}
+  compiled = False
 
   def fetch(item):
     # Fetching one step late keeps the device busy; the check still names the step.
@@ -384,8 +386,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       raise FloatingPointError(
           f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}. "
-          f"Stopping; the last good checkpoint "
-          f"(step {setup.ckpt.latest_step()}) in {setup.ckpt.directory} is kept.")
+          "Stopping; " + (f"the last good checkpoint (step {last}) in "
+                          f"{setup.ckpt.directory} is kept."
+                          if (last := setup.ckpt.latest_step()) is not None
+                          else "no checkpoint was saved before it."))
     history.append(m)
 
   def flush():
@@ -410,9 +414,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.add_data_time(time.perf_counter() - t0)
       # The mesh in context lets kernels that must be shard_mapped (Pallas flash attention on
       # a multi-chip TPU, models/attention.py) see it at trace time.
+      t1 = time.perf_counter()
       with (jax.set_mesh(setup.mesh), jax.transfer_guard_device_to_host(guard),
             jax.transfer_guard_host_to_device(guard)):
         state, m = setup.train_fn(state, batch)
+      if not compiled:  # the first call compiles: keep that out of step time and ETA
+        progress.add_pause(time.perf_counter() - t1)
+        compiled = True
       step += 1
       flush()
       pending = (step, m)

@@ -14,7 +14,6 @@ clips, DIR/fig3_dynamic_kernels_over_time.png (structvit_jax/viz.py says what ea
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from absl import app
@@ -35,7 +34,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("layer", None, "StructSA layer, e.g. blocks3_7 (default: the last "
                       "layer of the stage with the largest token grid).")
   flags.DEFINE_list("query", None, "Query token coordinates, e.g. 3,4 (default: centre).")
-  flags.DEFINE_integer("head", 0, "Attention head; -1 averages over heads.")
+  flags.DEFINE_integer("head", 0, "Attention head; -1 averages over heads.", lower_bound=-1)
   flags.DEFINE_integer("image_size", None, "Input size (default: the export's, 224 for presets).")
   flags.DEFINE_integer("frames", None, "Frames per clip (default: the export's, 16 for presets).")
   flags.DEFINE_integer("seed", 0, "Initialisation seed for presets.")
@@ -85,6 +84,7 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
         frames: int | None = None, seed: int = 0) -> list[str]:
   """Writes the figures; returns their paths."""
   import numpy as np
+  from structvit_jax import errors
   from structvit_jax import inference
   from structvit_jax import viz
   kind = "video" if input_file.lower().endswith(inference._VIDEO_EXTS) else "image"
@@ -98,6 +98,9 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
   top = main.top_k_of(probs, 3)[0]
   print(f"{input_file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
   cap = viz.pick_layer(caps, layer)
+  if head is not None and not 0 <= head < cap.num_heads:
+    raise errors.UserError(f"--head={head}: layer {cap.name} has {cap.num_heads} heads "
+                           f"(0..{cap.num_heads - 1}, or -1 for their mean)")
   print(f"layer {cap.name}: {cap.describe()}, token grid {cap.grid}, {cap.num_heads} heads "
         f"(captured: {', '.join(caps)})")
   image = raw if kind == "image" else None
@@ -134,16 +137,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
+  from structvit_jax import errors
   from structvit_jax import inference
-  query = [int(v) for v in FLAGS.query] if FLAGS.query else None
+  try:
+    query = [int(v) for v in FLAGS.query] if FLAGS.query else None
+  except ValueError:
+    raise errors.UserError(f"--query={','.join(FLAGS.query)}: expected integer token "
+                           "coordinates, e.g. --query=3,4 (row, col) or 1,3,4 (t, row, col)"
+                           ) from None
   try:
     run(FLAGS.model, FLAGS.input, FLAGS.out, FLAGS.compare, FLAGS.layer, query,
         None if FLAGS.head < 0 else FLAGS.head, FLAGS.image_size, FLAGS.frames, FLAGS.seed)
-  except (inference.InputError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except inference.InputError as e:  # a file that cannot be read: not a usage error
+    raise errors.RunError(str(e)) from e
 
 
 if __name__ == "__main__":
+  from structvit_jax import errors
   _define_flags()
-  app.run(main)
+  errors.quiet_library_logs()
+  errors.run(main, workdir_flag=None)

@@ -39,6 +39,7 @@ TINY = {
     "grad_clip_norm": 1.0,
     "ema_decay": 0.9,
     "num_train_steps": 20,
+    "num_epochs": 1.25,              # the schedule's epoch: 20 / 1.25 = 16 steps (optim.py)
     "log_every_steps": 5,
     "checkpoint_every_steps": 10,
     "eval_every_epochs": 100.0,      # eval at the end only

@@ -175,6 +175,7 @@ def open_split(prepared_dir: epath.Path, split: str) -> tuple[Any, int, str]:
                      "structvit_jax.data.prepare (writes array_record).")
   if split not in builder.info.splits:
     raise KeyError(f"split {split!r} not in {prepared_dir} (has "
-                   f"{', '.join(builder.info.splits)})")
+                   f"{', '.join(builder.info.splits)}): choose one with "
+                   f"--config.data.eval_split=... or --config.data.train_split=...")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
   return source, builder.info.features["label"].num_classes, fmt.value

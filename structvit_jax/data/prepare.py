@@ -5,7 +5,9 @@ r"""Prepare image datasets as tfds ArrayRecord data, without TensorFlow.
   python -m structvit_jax.data.prepare --dataset=imagenet2012 --src=RAW --data_dir=OUT
 
 image_folder: DIR/<split>/<class>/<image>; every subdirectory of DIR is a split (train,
-  validation, ...); labels are the sorted class names over all splits. Written to
+  validation, ...); labels are the sorted class names over all splits. Images in nested
+  sub-folders of a class folder belong to that class; images directly in a split folder
+  (outside any class) are left out with a warning. Written to
   OUT/<name>/1.0.0/ (read with config.data.name='image_folder', config.data.tfds_name=<name>).
 imagenet2012: RAW/train/ holds n*/ class folders or the per-class n*.tar files;
   RAW/val/ (or validation/) holds n*/ class folders, or the 50,000 flat
@@ -40,6 +42,7 @@ from absl import app, flags, logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from structvit_jax import errors
 from structvit_jax.data import builders
 from structvit_jax.data.builders import Item
 
@@ -65,12 +68,26 @@ def _class_dirs(split_dir: str) -> list[str]:
   return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _images_under(class_dir: str) -> list[str]:
+  """Image paths relative to class_dir, nested sub-folders included, sorted."""
+  out = []
+  for root, dirs, files in os.walk(class_dir, followlinks=True):
+    dirs.sort()
+    rel = os.path.relpath(root, class_dir)
+    out += [f if rel == "." else os.path.join(rel, f) for f in sorted(files) if _is_image(f)]
+  return out
+
+
 def _files_in_classes(split_dir: str, label_of: dict[str, int]) -> list[Item]:
   items = []
   for cls in _class_dirs(split_dir):
-    for f in sorted(os.listdir(os.path.join(split_dir, cls))):
-      if _is_image(f):
-        items.append(Item(os.path.join(split_dir, cls, f), label_of[cls], f"{cls}/{f}"))
+    for f in _images_under(os.path.join(split_dir, cls)):
+      items.append(Item(os.path.join(split_dir, cls, f), label_of[cls], f"{cls}/{f}"))
+  loose = [f for f in os.listdir(split_dir)
+           if _is_image(f) and os.path.isfile(os.path.join(split_dir, f))]
+  if loose:
+    logging.warning("%s: %d image(s) outside any class folder left out (e.g. %s); move them "
+                    "into <split>/<class>/", split_dir, len(loose), sorted(loose)[0])
   return items
 
 
@@ -243,7 +260,8 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
     _log_summary(summary)
     return summary
   if not os.path.isdir(src):
-    raise FileNotFoundError(f"--src={src} is not a directory")
+    raise FileNotFoundError(f"--src={src} is not a directory (the raw images; layouts: "
+                            "python -m structvit_jax.data.prepare --helpfull)")
   items, label_names = (discover_imagenet(src) if dataset == "imagenet2012"
                         else discover_image_folder(src))
   staging = epath.Path(data_dir) / cls.name / ".prepare"
@@ -269,6 +287,12 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
         logging.warning("skipping unreadable %s: %s", bad[-1], status_of[it.file_name])
     keep = [dataclasses.replace(it, reencode=status_of[it.file_name] == "reencode")
             for it in split_items if not status_of[it.file_name].startswith("error")]
+    if not keep:  # tfds would stop with "No examples were yielded"
+      raise errors.UserError(
+          f"split {split}: none of its {len(split_items)} image(s) in {src} can be read"
+          + (f" (e.g. {bad[0]}: "
+             f"{status_of[split_items[0].file_name].removeprefix('error: ')})" if bad else "")
+          + "; fix or remove them (or the split folder) and run again")
     summary.skipped[split] = bad
     summary.num_examples[split] = len(keep)
     split_builder = cls(data_dir=os.fspath(work), file_format="array_record",
@@ -282,6 +306,9 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
     split_builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  if "validation" not in items:
+    logging.warning("no 'validation' split in %s (splits: %s): train with "
+                    "--config.data.eval_split=<one of them>", src, ", ".join(items))
   _merge(cls, staging, list(items), final, label_names if dataset == "image_folder" else None,
          summary.skipped)
   shutil.rmtree(staging)
@@ -344,4 +371,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["dataset", "src", "data_dir"])
-  app.run(main)
+  errors.run(main, workdir_flag=None)
