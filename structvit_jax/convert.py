@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structvit_jax import weights
-from structvit_jax import config_utils
+from structvit_jax import config_utils, weights
 from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 from structvit_jax.models import TimeSformer, get_model
 
@@ -36,13 +35,9 @@ def checkpoint_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: Mappi
   it (weights.Family.infer_kwargs, e.g. TimeSformer's attention_type and num_frames)."""
   from structvit_jax.models import PRESETS
   cls, preset = PRESETS[model]
-  kw: dict[str, Any] = {}
-  for f in weights.families():
-    if f.infer_kwargs is not None and issubclass(cls, f.models):
-      kw.update(f.infer_kwargs(sd, {**preset, **overrides}))
-  if "head.weight" in sd:
-    kw["num_classes"] = int(sd["head.weight"].shape[0])
-  return kw
+  kw = {k: v for f in weights.families() if f.infer_kwargs and issubclass(cls, f.models)
+        for k, v in f.infer_kwargs(sd, {**preset, **overrides}).items()}
+  return kw | ({"num_classes": int(sd["head.weight"].shape[0])} if "head.weight" in sd else {})
 
 
 def input_spec(model: Any, sd: Mapping[str, np.ndarray], image_size: int, num_frames: int

@@ -1,17 +1,14 @@
 """Pretrained weights in: PyTorch state_dicts -> our variables, inflation, resizing.
 
 Two steps, shared by `python -m structvit_jax.convert` and `config.init_from`:
-
-  1. `from_torch(state_dict, abstract)`: every torch key -> a flax path in our layout.
-     Our submodule names are the official keys (`blocks3.5.attn.qkv.weight` <->
-     params/blocks3_5/attn/qkv/kernel), so `torch_key` derives the table from the target's
-     own parameter tree, and `_to_flax` the layout from the leaf kind (the rules:
-     docs/official_weights.md). A torch key with no target path is an error listing them all.
+  1. `from_torch(state_dict, abstract)`: every torch key -> a flax path in our layout. Our
+     submodule names are the official keys (`blocks3.5.attn.qkv.weight` <->
+     params/blocks3_5/attn/qkv/kernel): `torch_key` derives the table from the target's
+     tree, `_to_flax` the layout from the leaf kind (docs/official_weights.md).
   2. `fit(src, abstract, init_fn, ...)`: src (flax paths: torch, an export, a training
-     checkpoint) onto the target's structure and shapes. Missing leaves and shape
-     mismatches are errors that list them all.
-
-Model parameter names live in the families' rules (`Family`, models/<family>_weights.py).
+     checkpoint) onto the target's structure and shapes.
+Unmapped keys, missing leaves and shapes that do not fit are errors listing them all. Model
+parameter names live in the families' rules (`Family`, models/<family>_weights.py).
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import re
 from typing import Any, Callable, Mapping
 
@@ -33,9 +31,8 @@ IGNORED_SUFFIXES = ("num_batches_tracked",)   # BN step counters: not state we k
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
 
-INSTALL_TORCH = ("PyTorch is needed to read .pth checkpoints but is not installed. Install the "
-                 "CPU build with:\n  pip install torch --index-url "
-                 "https://download.pytorch.org/whl/cpu")
+INSTALL_TORCH = ("PyTorch is needed to read .pth checkpoints; install the CPU build with:\n"
+                 "  pip install torch --index-url https://download.pytorch.org/whl/cpu")
 
 
 class WeightsError(ValueError):
@@ -44,23 +41,21 @@ class WeightsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """A model family's weight-adaptation rules, keyed on its parameter names: they apply
-  wherever those occur (DeiT has TimeSformer's pos_embed). fill(path, shape, src, init): a
-  leaf src lacks (init(): the target's initial leaves); resize(path, w, shape): a leaf of
-  another shape; both None when not theirs. infer_kwargs(state_dict, preset fields): the
-  get_model fields a checkpoint of `models` implies."""
+  """A model family's weight-adaptation rules, keyed on its parameter names: they apply where
+  those occur (DeiT has TimeSformer's pos_embed). fill(path, shape, src, init): a leaf src
+  lacks (init(): the target's initial leaves); resize(path, w, shape): a leaf of another
+  shape; both None when not theirs. infer_kwargs(state_dict, preset fields): get_model fields."""
   heads: tuple[str, ...] = ()        # top-level classifiers: drop_head re-initialises them
   inflatable: tuple[str, ...] = ()   # leaves that `inflate` turns 2D -> 3D
   untwinned: tuple[str, ...] = ()    # leaves with no torch key
   fill: Callable[..., Any] | None = None
   resize: Callable[..., np.ndarray | None] | None = None
-  models: tuple[type, ...] = ()
+  models: tuple[type, ...] = ()      # classes whose state_dicts infer_kwargs reads
   infer_kwargs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
 
 
 @functools.cache
-def families() -> tuple[Family, ...]:
-  # On first use, as the family modules import this one.
+def families() -> tuple[Family, ...]:  # imported on first use: the modules import this one
   return tuple(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
                for m in ("uniformer", "timesformer", "structsa"))
 
@@ -69,8 +64,7 @@ def _names(field: str) -> set[str]:
   return {n for f in families() for n in getattr(f, field)}
 
 
-def _first(hook: str, *args: Any) -> Any:
-  """The families' first answer to `hook` other than None."""
+def _first(hook: str, *args: Any) -> Any:  # the families' first answer other than None
   return next((r for f in families() if getattr(f, hook) and
                (r := getattr(f, hook)(*args)) is not None), None)
 
@@ -89,10 +83,8 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError as e:
     raise ImportError(INSTALL_TORCH) from e
-  # weights_only=False: official checkpoints also pickle argparse namespaces / configs.
-  # Only open checkpoints you trust.
-  obj = torch.load(path, map_location="cpu", weights_only=False)
-  return unwrap(obj)
+  # weights_only=False: official checkpoints also pickle configs. Open only trusted files.
+  return unwrap(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def unwrap(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -118,8 +110,7 @@ def torch_key(path: Path) -> str | None:
     return None
   # 'blocks3_5' -> 'blocks3.5', 'proj_0' -> 'proj.0' (Sequential / ModuleList indices).
   mods = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
-  name = _LEAF_NAMES.get((collection, leaf), leaf)
-  return ".".join([*mods, name])
+  return ".".join([*mods, _LEAF_NAMES.get((collection, leaf), leaf)])
 
 
 def _to_flax(w: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
@@ -135,8 +126,7 @@ def _to_flax(w: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
   return w
 
 
-def flat_paths(tree: Any) -> dict[Path, Any]:
-  return traverse_util.flatten_dict(tree)
+flat_paths = traverse_util.flatten_dict  # {Path: leaf} of a nested dict
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], abstract: Any) -> dict[Path, np.ndarray]:
@@ -180,15 +170,10 @@ def inflate(w: np.ndarray, t: int, mode: str) -> np.ndarray:
 def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any] | None = None,
         inflate_mode: str = "", drop_head: bool = False) -> dict:
   """src onto the target's structure and shapes; returns {'params', 'batch_stats'}.
-
-  inflate_mode: '' (shapes must match), 'average' or 'centre' (the families' inflatable 2D
-    leaves into 3D ones).
-  drop_head: the families' heads from init_fn() (a new classifier, e.g. another class count).
-  The families' `fill` and `resize` hooks supply what src lacks or sizes otherwise.
-  init_fn(): the target's freshly initialised variables, called only when something is
-  taken from it. Raises WeightsError listing every missing leaf and every shape that does
-  not fit.
-  """
+  inflate_mode: '' (shapes must match), 'average' or 'centre' (inflatable 2D leaves -> 3D).
+  drop_head: the heads from init_fn(), the target's initial variables (called when needed).
+  The families' fill / resize hooks supply what src lacks or sizes otherwise. Raises
+  WeightsError listing every missing leaf and every shape that does not fit."""
   heads, inflatable = _names("heads"), _names("inflatable")
   init = functools.cache(lambda: flat_paths(init_fn()))
   out, missing, bad = {}, [], []
@@ -220,22 +205,17 @@ def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any
   if errors:
     raise WeightsError("\n".join(errors))
   # jax arrays: model code indexes kernels with tracers (numpy arrays cannot be).
-  variables = traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in out.items()})
-  variables.setdefault("batch_stats", {})
-  return variables
+  return {"batch_stats": {}, **traverse_util.unflatten_dict({p: jnp.asarray(v)
+                                                             for p, v in out.items()})}
 
 
 # ----------------------------------------------------------------------------- sources
 
 
-def load_source(path: str) -> dict[Path, np.ndarray] | dict[str, np.ndarray]:
-  """A checkpoint for init_from: an export dir (model.json + params/), a training
-  checkpoint dir (<dir>/<step>/state, the newest step; its params, not EMA) or a PyTorch
-  file (returned as a torch state_dict: keys are strings, not paths)."""
-  import os
+def load_source(path: str) -> dict[Path, np.ndarray]:
+  """Our variables from an export dir (model.json + params/) or a training checkpoint dir
+  (<dir>/<step>/state, the newest step; its params, not EMA)."""
   from structvit_jax import inference
-  if os.path.isfile(path):
-    return load_torch_file(path)
   if os.path.isfile(os.path.join(path, "model.json")):
     tree = inference.restore_arrays(os.path.join(os.path.abspath(path), "params"))
   else:  # a training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it
@@ -252,8 +232,7 @@ def load_source(path: str) -> dict[Path, np.ndarray] | dict[str, np.ndarray]:
 
 def init_variables_from(path: str, abstract: Any, init_fn: Callable[[], Any],
                         inflate_mode: str = "", drop_head: bool = False) -> dict:
-  """{'params', 'batch_stats'} for a model (abstract variables) from any checkpoint kind."""
-  src = load_source(path)
-  if src and isinstance(next(iter(src)), str):  # torch state_dict
-    src = from_torch(src, abstract)
+  """{'params', 'batch_stats'} for a model (abstract variables) from a PyTorch file or one
+  of ours (load_source)."""
+  src = from_torch(load_torch_file(path), abstract) if os.path.isfile(path) else load_source(path)
   return fit(src, abstract, init_fn, inflate_mode, drop_head)

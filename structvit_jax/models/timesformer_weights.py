@@ -23,23 +23,20 @@ def from_vit(path: weights.Path, shape: tuple[int, ...], src: Mapping[weights.Pa
   return src.get(tuple(_TWINS.get(m, m) for m in path))
 
 
-def resize_pos_embed(w: np.ndarray, n_out: int) -> np.ndarray:
-  """pos_embed [1, 1+N, C] -> [1, 1+n_out, C]: 2-D nearest on the square grid, as the forward
-  pass on another input size, so the resized model computes what the old one did there."""
-  g0, g1 = math.isqrt(w.shape[1] - 1), math.isqrt(n_out)
+def resize(path: weights.Path, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+  """time_embed [1, T, C]: 1-D nearest (official). pos_embed [1, 1+N, C]: 2-D nearest on the
+  square grid, as the forward pass on another input size, so the resized model computes
+  what the old one did there."""
+  if path[-1] not in ("pos_embed", "time_embed") or w.ndim != 3 or w.shape[2] != shape[2]:
+    return None
+  if path[-1] == "time_embed":
+    return w[:, nearest_indices(w.shape[1], shape[1])]
+  (g0, g1), n_out = (math.isqrt(w.shape[1] - 1), math.isqrt(shape[1] - 1)), shape[1] - 1
   if g0 * g0 != w.shape[1] - 1 or g1 * g1 != n_out:
     raise weights.WeightsError(f"pos_embed {w.shape} -> {n_out} patches: grids must be square")
   idx = nearest_indices(g0, g1)
   grid = w[0, 1:].reshape(g0, g0, -1)[idx][:, idx].reshape(1, n_out, -1)
   return np.concatenate([w[:, :1], grid], axis=1)
-
-
-def resize(path: weights.Path, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
-  """pos_embed as resize_pos_embed; time_embed [1, T, C] 1-D nearest (official)."""
-  if path[-1] not in ("pos_embed", "time_embed") or w.ndim != 3 or w.shape[2] != shape[2]:
-    return None
-  return resize_pos_embed(w, shape[1] - 1) if path[-1] == "pos_embed" else \
-      w[:, nearest_indices(w.shape[1], shape[1])]
 
 
 def infer_timesformer_kwargs(sd: Mapping[str, np.ndarray], patch_size: int = 16) -> dict:
