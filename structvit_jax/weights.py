@@ -115,8 +115,7 @@ def torch_key(path: Path) -> str | None:
 
 def _to_flax(w: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
   """One torch array in our layout (shape still the source's: fit() checks it)."""
-  if leaf != "kernel":
-    # LN/BN vectors, biases, embeddings as they are; [1, C, 1, 1] vectors -> [C].
+  if leaf != "kernel":  # norms, biases, embeddings as they are; [1, C, 1, 1] vectors -> [C]
     return w.reshape(-1) if target_ndim == 1 else w
   if w.ndim == 2:  # Linear [out, in]
     return w.T

@@ -25,8 +25,7 @@ def from_vit(path: weights.Path, shape: tuple[int, ...], src: Mapping[weights.Pa
 
 def resize(path: weights.Path, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
   """time_embed [1, T, C]: 1-D nearest (official). pos_embed [1, 1+N, C]: 2-D nearest on the
-  square grid, as the forward pass on another input size, so the resized model computes
-  what the old one did there."""
+  square grid, as the forward pass does, so the resized model computes what the old did."""
   if path[-1] not in ("pos_embed", "time_embed") or w.ndim != 3 or w.shape[2] != shape[2]:
     return None
   if path[-1] == "time_embed":
