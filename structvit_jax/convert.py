@@ -8,11 +8,10 @@
   python -m structvit_jax.convert --src=TimeSformer_divST_8x32_224_K400.pyth --model=timesformer_b \
       --out=EXPORT
 
-Key mapping and layouts: structvit_jax/weights.py. Every checkpoint key must map and every
-model leaf must be filled (StructSA u_k/u_v excepted: identity centre tap), else the error
-lists them. num_classes (and for TimeSformer attention_type, num_frames, img_size, depth,
-embed_dim) come from the checkpoint unless --set / --num_classes say otherwise; a
-different --num_classes re-initialises the head.
+Key mapping and layouts: structvit_jax/weights.py and the model families' rules
+(models/*_weights.py; docs/official_weights.md). Every checkpoint key must map and every
+model leaf be filled, else the error lists them. --set / --num_classes override what the
+checkpoint implies (checkpoint_kwargs); another class count re-initialises the head.
 """
 
 from __future__ import annotations
@@ -25,27 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structvit_jax import weights
-from structvit_jax import config_utils
+from structvit_jax import config_utils, weights
 from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 from structvit_jax.models import TimeSformer, get_model
 
 
-def model_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: dict[str, Any],
-                 num_classes: int | None) -> tuple[dict[str, Any], int]:
-  """get_model overrides for this checkpoint, and the checkpoint's own class count."""
+def checkpoint_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any]
+                      ) -> dict[str, Any]:
+  """get_model fields the checkpoint implies: its class count and what its family reads off
+  it (weights.Family.infer_kwargs, e.g. TimeSformer's attention_type and num_frames)."""
   from structvit_jax.models import PRESETS
-  kw: dict[str, Any] = {}
-  if PRESETS[model][0] is TimeSformer:
-    kw.update(weights.infer_timesformer_kwargs(
-        sd, overrides.get("patch_size", PRESETS[model][1].get("patch_size", 16))))
-  ckpt_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else None
-  kw.update(overrides)
-  if num_classes is not None:
-    kw["num_classes"] = num_classes
-  elif ckpt_classes is not None:
-    kw.setdefault("num_classes", ckpt_classes)
-  return kw, ckpt_classes
+  cls, preset = PRESETS[model]
+  kw = {k: v for f in weights.families() if f.infer_kwargs and issubclass(cls, f.models)
+        for k, v in f.infer_kwargs(sd, {**preset, **overrides}).items()}
+  return kw | ({"num_classes": int(sd["head.weight"].shape[0])} if "head.weight" in sd else {})
 
 
 def input_spec(model: Any, sd: Mapping[str, np.ndarray], image_size: int, num_frames: int
@@ -68,14 +60,16 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model_name: str,
                        ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   """Returns (get_model kwargs, variables {'params', 'batch_stats'}, input spec)."""
   sd = weights.unwrap(sd)  # idempotent: wrappers and the 'model.' prefix
-  kw, ckpt_classes = model_kwargs(model_name, sd, dict(overrides or {}), num_classes)
+  overrides = dict(overrides or {}, **({} if num_classes is None else {"num_classes": num_classes}))
+  ckpt = checkpoint_kwargs(model_name, sd, overrides)
+  kw = {**ckpt, **overrides}  # --set fields and --num_classes over the checkpoint's
   model = get_model(model_name, **kw)
   spec = input_spec(model, sd, image_size, num_frames)
   shape = ((1, spec["num_frames"]) if spec["kind"] == "video" else (1,)) + \
           (spec["image_size"], spec["image_size"], 3)
   init = lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
   abstract = jax.eval_shape(init)
-  drop = ckpt_classes is not None and kw.get("num_classes") != ckpt_classes
+  drop = "num_classes" in ckpt and kw["num_classes"] != ckpt["num_classes"]
   variables = weights.fit(weights.from_torch(sd, abstract), abstract, init, drop_head=drop)
   return kw, variables, spec
 

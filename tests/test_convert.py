@@ -1,7 +1,7 @@
 """PyTorch checkpoint import (structvit_jax.weights / convert), inflation and init_from.
 
 State_dicts are built here from the official key names and shapes
-(../shared/PEER_MODELS.md §1.3, §2, §3) with random values, independently of our parameter
+(docs/official_weights.md) with random values, independently of our parameter
 tree; layer numerics are checked against numpy references (PyTorch semantics) computed from
 the torch-layout weights. Tiny dimensions keep it fast; full-size key lists are checked with
 jax.eval_shape only.
@@ -18,6 +18,7 @@ import pytest
 
 from structvit_jax import convert, weights
 from structvit_jax.models import get_model, uniformer as uf, timesformer as tsf
+from structvit_jax.models import structsa_weights, timesformer_weights
 
 try:
   import torch  # only to exercise the .pth file path; numerics use numpy references
@@ -54,7 +55,7 @@ class _SD(dict):
 
 def uniformer_sd(depth=TINY["depth"], dims=TINY["embed_dim"], num_classes=10, video=False,
                  conv_stem=False, layer_scale="none", tl=False, seed=0) -> dict:
-  """Official UniFormer image/TL/video state_dict (PEER_MODELS §1.3, §2)."""
+  """Official UniFormer image/TL/video state_dict (docs/official_weights.md)."""
   sd = _SD(seed)
   t = lambda k: (k,) if video else ()
   for s in range(4):
@@ -137,7 +138,7 @@ def _assert_all_mapped(sd, variables):
   """Every non-counter key landed somewhere: the converted leaf count equals the key count."""
   n_keys = sum(not k.endswith("num_batches_tracked") for k in sd)
   leaves = weights.flat_paths(variables)
-  n_struct = sum(p[-1] in weights.STRUCTURE_LEAVES for p in leaves)
+  n_struct = sum(p[-1] in structsa_weights.STRUCTURE_LEAVES for p in leaves)
   assert len(leaves) - n_struct == n_keys
 
 
@@ -263,7 +264,7 @@ def test_full_size_key_lists(name, sd_kw, model_kw):
 def test_full_size_timesformer_keys():
   sd = timesformer_sd(dim=768, depth=12, frames=8, img=224, patch=16, num_classes=400)
   sd = weights.unwrap({"model_state": sd})
-  kw = weights.infer_timesformer_kwargs(sd)
+  kw = timesformer_weights.infer_timesformer_kwargs(sd)
   model = get_model("timesformer_b", **kw, num_classes=400)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 224, 224, 3)))
   src = weights.from_torch(sd, abstract)
