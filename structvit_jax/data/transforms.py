@@ -21,6 +21,9 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from structvit_jax.data.pipeline import RandomErasing, RandomFlip
+from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
+
 BICUBIC = Image.Resampling.BICUBIC
 Element = dict[str, Any]
 
@@ -122,18 +125,11 @@ class RandomResizedCrop(grain.transforms.RandomMap):
                                           box=(x, y, x + w, y + h))}
 
 
-class RandomFlipPIL(grain.transforms.RandomMap):
-  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    if rng.random() < 0.5:
-      element = {**element, "image": element["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)}
-    return element
-
-
 class ResizeCenterCrop(grain.transforms.Map):
   """Eval: shorter side to floor(size / crop_ratio) (bicubic), then the central size x size
   (timm's eval transform with crop_pct)."""
 
-  def __init__(self, size: int, crop_ratio: float = 0.875):
+  def __init__(self, size: int, crop_ratio: float = DEFAULT_EVAL_CROP_RATIO):
     self.size, self.resize_to = size, int(math.floor(size / crop_ratio))
 
   def map(self, element: Element) -> Element:
@@ -278,37 +274,6 @@ class RandAugment(grain.transforms.RandomMap):
     return {**element, "image": im}
 
 
-# ----------------------------------------------------------------------------- erasing
-
-
-class RandomErasing(grain.transforms.RandomMap):
-  """timm RandomErasing, mode 'pixel', one box: with probability p, a box of 2%-1/3 of the
-  area and aspect in [0.3, 1/0.3] is filled with N(0, 1) noise (on the normalised image)."""
-
-  def __init__(self, probability: float = 0.25, min_area: float = 0.02,
-               max_area: float = 1 / 3, min_aspect: float = 0.3):
-    self.p, self.min_area, self.max_area = probability, min_area, max_area
-    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-
-  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    if rng.random() > self.p:
-      return element
-    img = element["image"]
-    h_img, w_img, c = img.shape
-    for _ in range(10):
-      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
-      aspect = math.exp(rng.uniform(*self.log_aspect))
-      h = int(round(math.sqrt(target * aspect)))
-      w = int(round(math.sqrt(target / aspect)))
-      if w < w_img and h < h_img:
-        top = int(rng.integers(0, h_img - h + 1))
-        left = int(rng.integers(0, w_img - w + 1))
-        img = img.copy()
-        img[top:top + h, left:left + w] = rng.standard_normal((h, w, c), dtype=np.float32)
-        return {**element, "image": img}
-    return element
-
-
 # ----------------------------------------------------------------------------- recipes
 
 
@@ -318,7 +283,7 @@ def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
                mean: Sequence[float] = (0.485, 0.456, 0.406)) -> tuple:
   ops: list = [RandomResizedCrop(size, scale)]
   if flip:
-    ops.append(RandomFlipPIL())
+    ops.append(RandomFlip())
   if randaugment:
     ops.append(RandAugment(randaugment, mean))
   ops += [ToArray(), normalize()]
@@ -328,5 +293,5 @@ def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
 
 
 def deit_eval(size: int, normalize: Callable[[], grain.transforms.Map],
-              crop_ratio: float = 0.875) -> tuple:
+              crop_ratio: float = DEFAULT_EVAL_CROP_RATIO) -> tuple:
   return (ResizeCenterCrop(size, crop_ratio), ToArray(), normalize())

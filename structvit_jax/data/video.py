@@ -50,8 +50,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from structvit_jax.data.pipeline import (VIDEO_MEAN, VIDEO_STD, DatasetNotFoundError,
-                                         DatasetSpec, Normalize, RandomFlip)
+from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Normalize,
+                                         RandomErasing, RandomFlip)
 
 # Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
 VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
@@ -261,10 +261,10 @@ class _ClipConfig:
   def __init__(self, data: ml_collections.ConfigDict, entries: Sequence[tuple[str, int]]):
     self.entries = entries
     self.num_frames, self.size = int(data.num_frames), int(data.image_size)
-    self.sampling = data.get("sampling", "dense")
-    self.rate = int(data.get("sampling_rate", 1) or 1)
-    self.jitter = tuple(int(s) for s in data.get("scale_jitter", (self.size, self.size)))
-    self.clips, self.crops = int(data.get("test_clips", 1)), int(data.get("test_crops", 1))
+    self.sampling = data.sampling
+    self.rate = int(data.sampling_rate or 1)
+    self.jitter = tuple(int(s) for s in data.scale_jitter or (self.size, self.size))
+    self.clips, self.crops = int(data.test_clips), int(data.test_crops)
 
   def indices(self, length: int, rng=None, clip: int = 0) -> np.ndarray:
     if self.sampling == "dense":
@@ -347,33 +347,6 @@ class VideoRandAugment(grain.transforms.RandomMap):
     return {**element, "image": np.stack(frames)}
 
 
-class VideoRandomErasing(grain.transforms.RandomMap):
-  """timm/SlowFast RandomErasing, 'pixel' mode, on the normalised clip: with probability p
-  one box (2%-1/3 of the area, aspect in [0.3, 1/0.3]), the same on every frame (SlowFast's
-  `cube` erasing), filled with N(0, 1) noise."""
-
-  def __init__(self, probability: float, min_area: float = 0.02, max_area: float = 1 / 3,
-               min_aspect: float = 0.3):
-    self.p, self.min_area, self.max_area = probability, min_area, max_area
-    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    if rng.random() > self.p:
-      return element
-    clip = element["image"]
-    t, h_img, w_img, c = clip.shape
-    for _ in range(10):
-      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
-      aspect = math.exp(rng.uniform(*self.log_aspect))
-      h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-      if w < w_img and h < h_img:
-        top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
-        clip = clip.copy()
-        clip[:, top:top + h, left:left + w] = rng.standard_normal((t, h, w, c), np.float32)
-        return {**element, "image": clip}
-    return element
-
-
 # ----------------------------------------------------------------------------- builder
 
 
@@ -389,7 +362,7 @@ def _howto(data: ml_collections.ConfigDict) -> str:
 def list_file(data: ml_collections.ConfigDict, split: str) -> str:
   key = ("train_list" if split == data.train_split else
          "eval_list" if split == data.eval_split else None)
-  name = (data.get(key) if key else "") or f"{split}.csv"
+  name = (data[key] if key else "") or f"{split}.csv"
   return os.path.join(data.data_dir, name)
 
 
@@ -403,7 +376,7 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   if not os.path.isfile(path):
     raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}): list file {path!r} "
                                f"does not exist. {_howto(data)}")
-  num_classes = int(data.get("num_classes", 0) or VIDEO_DATASETS[name])
+  num_classes = int(data.num_classes or VIDEO_DATASETS[name])
   entries = read_list(path, root, num_classes)
   if not entries:
     raise DatasetNotFoundError(f"dataset {name!r}: list file {path!r} lists no videos.")
@@ -414,13 +387,13 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   if train and min(cfg.jitter) < cfg.size:
     raise ValueError(f"config.data.scale_jitter={cfg.jitter} must not be below image_size "
                      f"{cfg.size} (short side before the random crop)")
-  mean, std = data.get("mean", VIDEO_MEAN), data.get("std", VIDEO_STD)
+  mean, std = data.mean, data.std
   if train:  # SlowFast order: sample, RandAugment, jitter + crop + flip, normalise, erase
     ops = ((DecodeTrainClip(cfg),)
-           + ((VideoRandAugment(data.randaugment, mean),) if data.get("randaugment") else ())
-           + ((RandomFlip(),) if data.get("random_flip", True) else ())
+           + ((VideoRandAugment(data.randaugment, mean),) if data.randaugment else ())
+           + ((RandomFlip(),) if data.random_flip else ())
            + (Normalize(mean, std),)
-           + ((VideoRandomErasing(data.random_erase),) if data.get("random_erase") else ()))
+           + ((RandomErasing(data.random_erase),) if data.random_erase else ()))
     source = VideoListSource(entries)
   else:
     source = VideoListSource(entries, cfg.clips * cfg.crops)
