@@ -18,10 +18,16 @@ A dataset is registered in `_BUILDERS` as a function (config.data, split name, t
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
 import math
+import os
+import shutil
+import tempfile
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -32,6 +38,23 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIDEO_MEAN, VIDEO_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # SlowFast/UniFormer video
 
 Transform = grain.transforms.Map | grain.transforms.RandomMap
+_WARNED: set[str] = set()  # unreadable examples this process has logged
+_MARKERS = "STRUCTVIT_JAX_BAD_MARKERS"  # env: a folder the trainer shares with its workers
+
+
+def warn_bad_once(key: str, message: str, *args: Any) -> None:
+  """Logs an unreadable example (`key`: which) once per trainer. Grain workers are new
+  processes on every eval pass, so with workers the first to log leaves a marker file."""
+  if key in _WARNED:
+    return
+  _WARNED.add(key)
+  if os.environ.get(_MARKERS):
+    try:
+      os.close(os.open(os.path.join(os.environ[_MARKERS], hashlib.sha1(key.encode())
+                                    .hexdigest()), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+      return
+  logging.warning(message, *args)
 
 
 class Normalize(grain.transforms.Map):
@@ -189,6 +212,9 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   # Elements here are whole local batches: keep the read-ahead buffer to a few of them.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
+    if not os.environ.get(_MARKERS):  # the workers inherit the environment
+      os.environ[_MARKERS] = tempfile.mkdtemp(prefix="structvit_jax_bad_")
+      atexit.register(shutil.rmtree, os.environ[_MARKERS], True)
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=2))
   return it

@@ -16,12 +16,11 @@ import math
 import re
 from typing import Any, Callable, Sequence
 
-from absl import logging
 import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from structvit_jax.data.pipeline import RandomErasing, RandomFlip
+from structvit_jax.data.pipeline import RandomErasing, RandomFlip, warn_bad_once
 from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -38,16 +37,13 @@ def decode_jpeg(data: bytes) -> Image.Image:
   return im if im.mode == "RGB" else im.convert("RGB")
 
 
-_LOGGED: set[tuple[str, int]] = set()  # (source, record) already logged in this process
-
-
 class DecodedImages:
   """Random-access source over a tfds source of encoded images that decodes them, and
   replaces an unreadable example by the next readable one (deterministic: index i+1,
   i+2, ...). Output: dict(image=PIL RGB, label=int32, bad=int32 1 if replaced).
 
-  Each bad record is logged once per process (grain workers are processes) with its path,
-  however many pipelines (train, eval passes) read it.
+  Each bad record is logged once (pipeline.warn_bad_once) with its path, however many
+  pipelines (train, eval passes, workers) read it; eval masks the stand-in out (MaskBad).
   """
 
   def __init__(self, source: Any, where: str, max_tries: int = 100):
@@ -64,12 +60,11 @@ class DecodedImages:
       try:
         image = decode_jpeg(record["image"])
       except Exception as e:  # corrupt / truncated: any decode failure
-        if (self.where, i) not in _LOGGED:
-          _LOGGED.add((self.where, i))
-          name = record.get("file_name", b"?")
-          name = name.decode() if isinstance(name, bytes) else str(name)
-          logging.warning("unreadable image %s (record %d of %s): %s: %s; replaced by the "
-                          "next readable example", name, i, self.where, type(e).__name__, e)
+        name = record.get("file_name", b"?")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        warn_bad_once(f"{self.where}:{i}", "unreadable image %s (record %d of %s): %s: %s; "
+                      "training replaces it by the next readable example, evaluation leaves "
+                      "it out", name, i, self.where, type(e).__name__, e)
         continue
       return {"image": image, "label": np.int32(record["label"]), "bad": np.int32(k > 0)}
     raise RuntimeError(f"{self.max_tries} consecutive unreadable images from record {index} "

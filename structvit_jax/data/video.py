@@ -43,7 +43,6 @@ import os
 import threading
 from typing import Any, Sequence
 
-from absl import logging
 import av
 from av.video.reformatter import VideoReformatter
 import grain
@@ -51,7 +50,7 @@ import ml_collections
 import numpy as np
 
 from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Normalize,
-                                         RandomErasing, RandomFlip)
+                                         RandomErasing, RandomFlip, warn_bad_once)
 
 # Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
 VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
@@ -248,13 +247,9 @@ class VideoReader:
 
 # ----------------------------------------------------------------------------- transforms
 
-_logged_bad: set[str] = set()
-
-
 def _log_bad(path: str, error: Exception) -> None:
-  if path not in _logged_bad:   # once per path and process
-    _logged_bad.add(path)
-    logging.warning("Skipping unreadable video %s: %s: %s", path, type(error).__name__, error)
+  warn_bad_once(path, "unreadable video %s: %s: %s; training replaces it by another video, "
+                "evaluation leaves its views out", path, type(error).__name__, error)
 
 
 class _ClipConfig:
