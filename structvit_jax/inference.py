@@ -48,7 +48,8 @@ def _check_input_spec(spec: dict[str, Any]) -> dict[str, Any]:
              num_frames=int(spec.get("num_frames", 0)),
              mean=[float(m) for m in spec["mean"]], std=[float(s) for s in spec["std"]])
   if out["kind"] == "image":
-    out.setdefault("crop_ratio", 0.875)
+    from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
+    out.setdefault("crop_ratio", DEFAULT_EVAL_CROP_RATIO)
   else:
     if out["num_frames"] <= 0:
       raise ValueError("a video input spec needs num_frames > 0")

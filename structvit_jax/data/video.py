@@ -24,7 +24,7 @@ Temporal sampling (frame indices into the file's frames; L = number of frames):
 Spatial: train: short side to a size drawn as SlowFast (inverse-uniform in scale_jitter),
 random image_size crop, RandAugment (config.data.randaugment, the same ops on every frame),
 flip unless random_flip=False, normalise, random erasing (config.data.random_erase, one box
-through all frames). Test: short side to image_size, then
+through all frames). Test (preprocessing.eval_spec): short side to image_size, then
 crop k of test_crops: 1 -> centre; 3 -> left/centre/right along the long side (SlowFast
 `uniform_crop`). Eval emits each video's test_clips x test_crops views as separate examples
 (view = clip * test_crops + crop) with its `video_id`; the trainer averages their softmax
@@ -51,6 +51,7 @@ import numpy as np
 
 from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Normalize,
                                          RandomErasing, RandomFlip, warn_bad_once)
+from structvit_jax.data.preprocessing import eval_spec
 
 # Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
 VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
@@ -161,8 +162,8 @@ _local = threading.local()   # grain may run transforms in threads: one reformat
 
 
 def _reformatter() -> VideoReformatter:
-  # av 18 (Python 3.11) rebuilds the rgb conversion per frame unless the reformatter is
-  # reused (STACK.md G13): ~5x faster decoding.
+  # PyAV rebuilds the rgb conversion per frame unless the reformatter is reused
+  # (docs/platform_notes.md).
   if not hasattr(_local, "reformatter"):
     _local.reformatter = VideoReformatter()
   return _local.reformatter
@@ -222,7 +223,7 @@ class VideoReader:
     start = st.start_time or 0
     pos = 0
     if seek and st.average_rate and st.time_base:
-      # The exact-frame recipe (STACK.md section 4): seek to the keyframe before the
+      # The exact-frame recipe (docs/platform_notes.md): seek to the keyframe before the
       # target, then read the position of the first decoded frame from its pts.
       self.container.seek(int(int(want[0]) / st.average_rate / st.time_base) + start,
                           stream=st, backward=True, any_frame=False)
@@ -382,15 +383,15 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   if train and min(cfg.jitter) < cfg.size:
     raise ValueError(f"config.data.scale_jitter={cfg.jitter} must not be below image_size "
                      f"{cfg.size} (short side before the random crop)")
-  mean, std = data.mean, data.std
   if train:  # SlowFast order: sample, RandAugment, jitter + crop + flip, normalise, erase
     ops = ((DecodeTrainClip(cfg),)
-           + ((VideoRandAugment(data.randaugment, mean),) if data.randaugment else ())
+           + ((VideoRandAugment(data.randaugment, data.mean),) if data.randaugment else ())
            + ((RandomFlip(),) if data.random_flip else ())
-           + (Normalize(mean, std),)
+           + (Normalize(data.mean, data.std),)
            + ((RandomErasing(data.random_erase),) if data.random_erase else ()))
     source = VideoListSource(entries)
   else:
     source = VideoListSource(entries, cfg.clips * cfg.crops)
-    ops = (DecodeEvalClip(cfg), Normalize(mean, std))
+    spec = eval_spec(data)
+    ops = (DecodeEvalClip(cfg), Normalize(spec["mean"], spec["std"]))
   return DatasetSpec(source, num_classes, (cfg.num_frames, cfg.size, cfg.size, 3), ops)
