@@ -49,12 +49,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def input_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The eval preprocessing of config's dataset (data/preprocessing.py)."""
-  from structvit_jax.data.preprocessing import eval_spec
-  return eval_spec(config.data)
-
-
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   """From the dataset when it can say (synthetic sources, tfds label names), else None."""
   data = config.data
@@ -83,6 +77,7 @@ def _head_classes(params: Any) -> int:
 def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True) -> str:
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
+  from structvit_jax.data.preprocessing import eval_spec
   config = read_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
@@ -103,7 +98,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   kwargs = train.model_kwargs(config, num_classes)
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
-                        input_spec(config), names,
+                        eval_spec(config.data), names,
                         source=f"{os.path.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
   return (f"exported {config.model.name} step {step} ({'EMA' if ema else 'raw'} params, "
           f"{num_classes} classes) from {workdir} to {out}")

@@ -1,15 +1,13 @@
 """Evaluation per dataset kind, and the one count of unreadable ('bad') examples.
 
-`evaluator_for(config)` gives a fresh evaluator for one pass over the eval split. The
-trainer's jitted eval step returns `evaluator.outputs(logits, batch)` (sums over the real
-examples, mask True, replicated: every process sees every global batch); the host then
-calls `update(outputs)` per batch and `result()` at the end, whatever the kind:
-- `Classification` (images, synthetic clips): loss, top-1 and top-5 over the real examples.
-- `MultiViewVideo` (video datasets: each video's test_clips x test_crops views are examples
-  with a `video_id`): top-1/top-5 of the softmax scores summed over each video's views
-  (SlowFast/UniFormer multi-view testing), each video once; the loss stays the mean over
-  views. With config.data.mean_per_class (FineGym) also the top-1 of each class, averaged
-  over the classes present.
+`evaluator_for(config)`: a fresh evaluator for one eval pass. The trainer's jitted eval step
+returns its `outputs(logits, batch)` (sums over the real examples, replicated to every
+process); the host calls `update(outputs)` per batch and `result()` at the end:
+- `Classification` (images, synthetic clips): loss, top-1, top-5 over the real examples.
+- `MultiViewVideo` (video datasets: each video's test views are examples with a `video_id`):
+  top-1/top-5 of the softmax scores summed over a video's views (SlowFast/UniFormer), each
+  video once; the loss stays the mean over views; with config.data.mean_per_class
+  (FineGym) also the top-1 of each class averaged over the classes present.
 """
 
 from __future__ import annotations
@@ -31,32 +29,31 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 
 class BadCount:
-  """Unreadable examples: the pipeline flags them in the optional per-example `bad` field
-  (train: replaced by a readable one; eval: masked out). `of(batch)` is the global count of
-  a batch (on device); the host adds them up per interval (`take`) and over the run."""
+  """Unreadable examples (the pipeline's optional `bad` field; train replaces them, eval
+  masks them out): `of(batch)` counts a global batch on device, for the train and eval step
+  outputs; the host's count per log interval (`add`, `take`) and over the run (`total`)."""
 
   def __init__(self):
-    self.interval, self.total, self.seen = 0.0, 0.0, False
+    self.interval, self.total = None, 0.0  # interval None: the dataset flags none
 
   @staticmethod
   def of(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {"bad_examples": batch["bad"].astype(jnp.float32).sum()} if "bad" in batch else {}
 
-  def add(self, metrics: dict[str, Any]) -> None:
-    """Moves metrics' 'bad_examples' (host or device scalar) into the count."""
+  def add(self, metrics: dict[str, float]) -> None:
+    """Moves metrics' 'bad_examples' into the count (a count, never averaged)."""
     if "bad_examples" in metrics:
       n = metrics.pop("bad_examples")
-      self.interval, self.total, self.seen = self.interval + n, self.total + n, True
+      self.interval, self.total = (self.interval or 0.0) + n, self.total + n
 
   def take(self) -> dict[str, float]:
-    """{'bad_examples': count since the last take} when the dataset flags bad examples."""
-    out = {"bad_examples": float(jax.device_get(self.interval))} if self.seen else {}
-    self.interval = 0.0
+    """{'bad_examples': the count since the last take}, {} for data without the field."""
+    out = {} if self.interval is None else {"bad_examples": self.interval}
+    self.interval = None if self.interval is None else 0.0
     return out
 
-  def console(self, what: str = "") -> str:
-    total = int(jax.device_get(self.total))
-    return f" bad examples {total}{what}" if total else ""
+  def console(self) -> str:
+    return f" bad examples {int(self.total)}" if self.total else ""
 
 
 class Classification:
@@ -64,7 +61,7 @@ class Classification:
   keys = ("image", "label", "mask", "bad")  # the batch fields the eval step needs
 
   def __init__(self):
-    self.totals, self.bad = None, BadCount()
+    self.totals = None
 
   @staticmethod
   def outputs(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
@@ -77,18 +74,13 @@ class Classification:
                 **BadCount.of(batch))
 
   def update(self, outputs: dict[str, Any]) -> None:
-    self.bad.add(outputs)
     self.totals = outputs if self.totals is None else jax.tree.map(jnp.add, self.totals,
                                                                    outputs)
 
   def result(self) -> dict[str, float]:
-    return {**self._metrics(), **({"bad_examples": float(jax.device_get(self.bad.total))}
-                                  if self.bad.seen else {})}
-
-  def _metrics(self) -> dict[str, float]:
     t = jax.tree.map(float, jax.device_get(self.totals))
     n = max(t["count"], 1.0)
-    return dict(loss=t["loss"] / n, top1=t["top1"] / n, top5=t["top5"] / n, count=t["count"])
+    return dict(t, loss=t["loss"] / n, top1=t["top1"] / n, top5=t["top5"] / n)
 
 
 class MultiViewVideo(Classification):
@@ -111,8 +103,8 @@ class MultiViewVideo(Classification):
     self.chunks.append(jax.device_get(outputs.pop("per_example")))
     super().update(outputs)
 
-  def _metrics(self) -> dict[str, float]:  # loss: mean over views; accuracies: per video
-    return {**super()._metrics(), **video_metrics(self.chunks, self.mean_per_class)}
+  def result(self) -> dict[str, float]:  # loss: mean over views; accuracies: per video
+    return {**super().result(), **video_metrics(self.chunks, self.mean_per_class)}
 
 
 def console_line(prefix: str, step: int, m: dict[str, float]) -> str:

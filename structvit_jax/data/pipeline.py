@@ -48,13 +48,13 @@ def warn_bad_once(key: str, message: str, *args: Any) -> None:
   if key in _WARNED:
     return
   _WARNED.add(key)
-  if os.environ.get(_MARKERS):
-    try:
+  try:
+    if _MARKERS in os.environ:  # only the process that creates the marker logs
       os.close(os.open(os.path.join(os.environ[_MARKERS], hashlib.sha1(key.encode())
                                     .hexdigest()), os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-      return
-  logging.warning(message, *args)
+    logging.warning(message, *args)
+  except FileExistsError:
+    pass
 
 
 class Normalize(grain.transforms.Map):

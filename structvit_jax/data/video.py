@@ -253,33 +253,50 @@ def _log_bad(path: str, error: Exception) -> None:
                 "evaluation leaves its views out", path, type(error).__name__, error)
 
 
-class _ClipConfig:
-  def __init__(self, data: ml_collections.ConfigDict, entries: Sequence[tuple[str, int]]):
-    self.entries = entries
-    self.num_frames, self.size = int(data.num_frames), int(data.image_size)
-    self.sampling = data.sampling
-    self.rate = int(data.sampling_rate or 1)
-    self.jitter = tuple(int(s) for s in data.scale_jitter or (self.size, self.size))
-    self.clips, self.crops = int(data.test_clips), int(data.test_crops)
+class ClipConfig:
+  """Frame sampling and test views (module docstring), of config.data or an export's spec."""
+
+  def __init__(self, num_frames: int, size: int, sampling: str = "dense", rate: int = 1,
+               clips: int = 1, crops: int = 1):
+    self.num_frames, self.size, self.sampling = int(num_frames), int(size), sampling
+    self.rate, self.clips, self.crops = int(rate or 1), int(clips), int(crops)
 
   def indices(self, length: int, rng=None, clip: int = 0) -> np.ndarray:
     if self.sampling == "dense":
       return dense_indices(length, self.num_frames, self.rate, rng, clip, self.clips)
     return segment_indices(length, self.num_frames, rng, clip, self.clips)
 
+  def test_view(self, video: str | np.ndarray, view: int = 0) -> np.ndarray:
+    """uint8 [T, S, S, 3]: view `view` (clip * crops + crop) of a video file, or of an
+    array of all a video's frames (short side resized with PIL, bilinear)."""
+    clip, crop = divmod(int(view), self.crops)
+    if isinstance(video, np.ndarray):
+      frames = video[self.indices(len(video), clip=clip)]
+      h, w = short_side_shape(frames.shape[1], frames.shape[2], self.size)
+      if (h, w) != frames.shape[1:3]:
+        from PIL import Image
+        frames = np.stack([np.asarray(Image.fromarray(f).resize(
+            (w, h), Image.Resampling.BILINEAR)) for f in frames])
+    else:
+      with VideoReader(video) as reader:
+        frames = reader.read(self.indices(reader.num_frames, clip=clip), self.size)
+    y, x = crop_offset(frames.shape[1], frames.shape[2], self.size, crop, self.crops)
+    return frames[:, y:y + self.size, x:x + self.size]
+
 
 class DecodeTrainClip(grain.transforms.RandomMap):
   """path -> random clip uint8 [T, S, S, 3] (temporal sampling, scale jitter, crop)."""
 
-  def __init__(self, cfg: _ClipConfig):
-    self.cfg = cfg
+  def __init__(self, cfg: ClipConfig, entries: Sequence[tuple[str, int]],
+               jitter: tuple[int, int]):
+    self.cfg, self.entries, self.jitter = cfg, entries, jitter
 
   def _clip(self, path: str, rng: np.random.Generator) -> np.ndarray:
     c = self.cfg
     with VideoReader(path) as reader:
       idx = c.indices(reader.num_frames, rng)
       # SlowFast random_short_side_scale_jitter: inverse-uniform (uniform in 1/size).
-      short = int(round(1.0 / rng.uniform(1.0 / c.jitter[1], 1.0 / c.jitter[0])))
+      short = int(round(1.0 / rng.uniform(1.0 / self.jitter[1], 1.0 / self.jitter[0])))
       frames = reader.read(idx, short)
     y = int(rng.integers(0, frames.shape[1] - c.size + 1))
     x = int(rng.integers(0, frames.shape[2] - c.size + 1))
@@ -288,13 +305,13 @@ class DecodeTrainClip(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     video, bad = int(element["video_id"]), 0
     for _ in range(MAX_RETRIES):
-      path, label = self.cfg.entries[video]
+      path, label = self.entries[video]
       try:
         clip = self._clip(path, rng)
         return {"image": clip, "label": np.int32(label), "bad": np.int32(bad)}
       except BAD_ERRORS as e:
         _log_bad(path, e)
-        bad, video = 1, int(rng.integers(len(self.cfg.entries)))
+        bad, video = 1, int(rng.integers(len(self.entries)))
     raise RuntimeError(f"{MAX_RETRIES} videos in a row could not be read (last: {path}); "
                        f"is the dataset readable?")
 
@@ -302,22 +319,16 @@ class DecodeTrainClip(grain.transforms.RandomMap):
 class DecodeEvalClip(grain.transforms.Map):
   """(path, view) -> the fixed test view uint8 [T, S, S, 3]; `mask` False if unreadable."""
 
-  def __init__(self, cfg: _ClipConfig):
+  def __init__(self, cfg: ClipConfig):
     self.cfg = cfg
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    c = self.cfg
-    clip_k, crop_k = divmod(int(element["view"]), c.crops)
-    path = element["path"]
+    c, path = self.cfg, element["path"]
     real = bool(element.get("mask", True))
     out = {"label": element["label"], "video_id": element["video_id"],
            "view": element["view"], "bad": np.int32(0)}
     try:
-      with VideoReader(path) as reader:
-        frames = reader.read(c.indices(reader.num_frames, clip=clip_k), c.size)
-      y, x = crop_offset(frames.shape[1], frames.shape[2], c.size, crop_k, c.crops)
-      out["image"] = frames[:, y:y + c.size, x:x + c.size]
-      out["mask"] = np.bool_(real)
+      out["image"], out["mask"] = c.test_view(path, element["view"]), np.bool_(real)
     except BAD_ERRORS as e:
       _log_bad(path, e)
       out["image"] = np.zeros((c.num_frames, c.size, c.size, 3), np.uint8)
@@ -376,15 +387,17 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   entries = read_list(path, root, num_classes)
   if not entries:
     raise DatasetNotFoundError(f"dataset {name!r}: list file {path!r} lists no videos.")
-  cfg = _ClipConfig(data, entries)
+  cfg = ClipConfig(data.num_frames, data.image_size, data.sampling, data.sampling_rate,
+                   data.test_clips, data.test_crops)
+  jitter = tuple(int(s) for s in data.scale_jitter or (cfg.size, cfg.size))
   if cfg.num_frames <= 0 or cfg.sampling not in ("dense", "segment"):
     raise ValueError(f"{name}: needs config.data.num_frames > 0 (got {cfg.num_frames}) and "
                      f"sampling 'dense' or 'segment' (got {cfg.sampling!r})")
-  if train and min(cfg.jitter) < cfg.size:
-    raise ValueError(f"config.data.scale_jitter={cfg.jitter} must not be below image_size "
+  if train and min(jitter) < cfg.size:
+    raise ValueError(f"config.data.scale_jitter={jitter} must not be below image_size "
                      f"{cfg.size} (short side before the random crop)")
   if train:  # SlowFast order: sample, RandAugment, jitter + crop + flip, normalise, erase
-    ops = ((DecodeTrainClip(cfg),)
+    ops = ((DecodeTrainClip(cfg, entries, jitter),)
            + ((VideoRandAugment(data.randaugment, data.mean),) if data.randaugment else ())
            + ((RandomFlip(),) if data.random_flip else ())
            + (Normalize(data.mean, data.std),)
