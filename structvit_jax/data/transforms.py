@@ -20,7 +20,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from structvit_jax.data.pipeline import RandomErasing, RandomFlip, warn_bad_once
+from structvit_jax.data.pipeline import IMAGENET_MEAN, RandomErasing, RandomFlip, warn_bad_once
 from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -232,7 +232,7 @@ class RandAugment(grain.transforms.RandomMap):
   n ops drawn uniformly with replacement, each applied with probability p at magnitude
   N(m, mstd) clipped to [0, mmax]."""
 
-  def __init__(self, config: str, mean: Sequence[float] = (0.485, 0.456, 0.406)):
+  def __init__(self, config: str, mean: Sequence[float] = IMAGENET_MEAN):
     parts = config.split("-")
     if parts[0] != "rand":
       raise ValueError(f"RandAugment config must start with 'rand-', got {config!r}")
@@ -275,7 +275,7 @@ class RandAugment(grain.transforms.RandomMap):
 def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
                scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
                randaugment: str = "rand-m9-mstd0.5-inc1", random_erase: float = 0.25,
-               mean: Sequence[float] = (0.485, 0.456, 0.406)) -> tuple:
+               mean: Sequence[float] = IMAGENET_MEAN) -> tuple:
   ops: list = [RandomResizedCrop(size, scale)]
   if flip:
     ops.append(RandomFlip())
