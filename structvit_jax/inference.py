@@ -140,11 +140,6 @@ def load(export_dir: str) -> "Predictor":
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  from structvit_jax.data.pipeline import Normalize  # the training pipeline's exact op
-  return Normalize(mean, std).map({"image": x})["image"]
-
-
 def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
   """uint8 HxWx3 (array, or decoded with PIL) -> resize + centre crop (timm eval)."""
   from PIL import Image
@@ -214,8 +209,9 @@ class Predictor:
 
   def preprocess_one(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> float32 model input; InputError if unreadable."""
-    spec = self.input_spec
-    return _normalize(self.read(x), spec["mean"], spec["std"])
+    from structvit_jax.data.pipeline import Normalize  # the eval pipeline's exact op
+    return Normalize(self.input_spec["mean"], self.input_spec["std"]).map(
+        {"image": self.read(x)})["image"]
 
   def read(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> the uint8 image / clip the model sees (resized,
