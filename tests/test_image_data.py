@@ -300,7 +300,10 @@ def test_in1k_s_trains_and_evaluates_end_to_end(unchecked, tmp_path, monkeypatch
   assert "train/bad_examples" in logged  # counted (0 or 1 here: where the shuffle put it)
 
 
-def test_corrupt_record_with_workers_is_logged_once_over_eval_passes(unchecked, capfd):
+def test_corrupt_record_with_workers_is_logged_once_over_eval_passes(unchecked, capfd,
+                                                                     tmp_path, monkeypatch):
+  from structvit_jax.data import pipeline
+  monkeypatch.setenv(pipeline._MARKERS, str(tmp_path))  # a fresh trainer: nothing logged yet
   c = _config(unchecked, num_workers=1)
   c.data.eval_split = "train"  # the split that holds the truncated file
   inp = create_input(c, "eval", 8)
