@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax import config_utils, weights
-from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
+from structvit_jax.data.preprocessing import default_spec
 from structvit_jax.models import TimeSformer, get_model
 
 
@@ -42,16 +42,13 @@ def checkpoint_kwargs(model: str, sd: Mapping[str, np.ndarray], overrides: Mappi
 
 def input_spec(model: Any, sd: Mapping[str, np.ndarray], image_size: int, num_frames: int
                ) -> dict[str, Any]:
-  """Eval input of the converted model: ImageNet mean/std for images, SlowFast's 0.45/0.225
-  for clips (UniFormer video and TimeSformer)."""
+  """Eval input of the converted model: TimeSformer and UniFormer video (5-D patch embed)
+  take clips, the rest images; preprocessing defaults from data/preprocessing.py."""
   if isinstance(model, TimeSformer):
-    return dict(kind="video", image_size=model.img_size, num_frames=model.num_frames,
-                mean=VIDEO_MEAN, std=VIDEO_STD)
+    return default_spec("video", model.img_size, model.num_frames)
   if np.ndim(sd.get("patch_embed1.proj.weight", np.zeros((1,) * 4))) == 5:
-    return dict(kind="video", image_size=image_size, num_frames=num_frames,
-                mean=VIDEO_MEAN, std=VIDEO_STD)
-  return dict(kind="image", image_size=image_size, num_frames=0, mean=IMAGENET_MEAN,
-              std=IMAGENET_STD)
+    return default_spec("video", image_size, num_frames)
+  return default_spec("image", image_size)
 
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], model_name: str,

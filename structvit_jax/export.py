@@ -50,39 +50,17 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def input_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The eval preprocessing of config's dataset (data/pipeline.py, images.py, video.py)."""
-  from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
-  data = config.data
-  synthetic = data.name.startswith("synthetic_")
-  frames = int(data.get("num_frames", 0) or 0)
-  spec: dict[str, Any] = dict(image_size=int(data.image_size), num_frames=frames)
-  if frames > 0:
-    # synthetic_video clips are exactly num_frames frames at image_size: dense sampling at
-    # rate 1 and a full-size centre crop leave them as the trainer's eval saw them.
-    spec.update(kind="video", mean=list(data.get("mean", VIDEO_MEAN)),
-                std=list(data.get("std", VIDEO_STD)),
-                sampling="dense" if synthetic else data.get("sampling", "dense"),
-                sampling_rate=1 if synthetic else int(data.get("sampling_rate", 1) or 1))
-  else:
-    # Synthetic images are rendered at image_size and only normalised in eval: crop ratio 1
-    # keeps predict() on such images identical to the trainer's eval.
-    spec.update(kind="image", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                crop_ratio=1.0 if synthetic else float(data.get("eval_crop_ratio", 0.875)))
-  return spec
-
-
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   """From the dataset when it can say (synthetic sources, tfds label names), else None."""
   data = config.data
   if data.name.startswith("synthetic_"):
     from structvit_jax.data import synthetic
     return list(synthetic.IMAGE_CLASSES if data.name == "synthetic_image" else synthetic.MOTIONS)
-  if data.name in ("imagenet2012", "image_folder") and data.get("data_dir"):
+  if data.name in ("imagenet2012", "image_folder") and data.data_dir:
     try:  # the data may not be on the exporting machine: names are optional
       import tensorflow_datasets as tfds
       from structvit_jax.data import builders
-      prepared = builders.find_prepared(data.data_dir, data.get("tfds_name", "") or data.name)
+      prepared = builders.find_prepared(data.data_dir, data.tfds_name or data.name)
       if prepared is not None:
         return list(tfds.builder_from_directory(prepared).info.features["label"].names)
     except Exception:  # noqa: BLE001
@@ -100,6 +78,7 @@ def _head_classes(params: Any) -> int:
 def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True) -> str:
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
+  from structvit_jax.data.preprocessing import eval_spec
   if os.path.exists(out) and not os.path.isdir(out):
     raise ExportError(f"--out={out} is a file; give a new directory (or an earlier export "
                       "to replace)")
@@ -126,7 +105,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   kwargs = train.model_kwargs(config, num_classes)
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
-                        input_spec(config), names,
+                        eval_spec(config.data), names,
                         source=f"{os.path.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
   return (f"exported {config.model.name} step {step} ({'EMA' if ema else 'raw'} params, "
           f"{num_classes} classes) from {workdir} to {out}")

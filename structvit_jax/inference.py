@@ -48,7 +48,8 @@ def _check_input_spec(spec: dict[str, Any]) -> dict[str, Any]:
              num_frames=int(spec.get("num_frames", 0)),
              mean=[float(m) for m in spec["mean"]], std=[float(s) for s in spec["std"]])
   if out["kind"] == "image":
-    out.setdefault("crop_ratio", 0.875)
+    from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
+    out.setdefault("crop_ratio", DEFAULT_EVAL_CROP_RATIO)
   else:
     if out["num_frames"] <= 0:
       raise ValueError("a video input spec needs num_frames > 0")
@@ -139,24 +140,18 @@ def load(export_dir: str) -> "Predictor":
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  from structvit_jax.data.pipeline import Normalize  # the training pipeline's exact op
-  return Normalize(mean, std).map({"image": x})["image"]
-
-
 def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
   """uint8 HxWx3 (array, or decoded with PIL) -> resize + centre crop (timm eval)."""
   from PIL import Image
-  from structvit_jax.data.transforms import ResizeCenterCrop
+  from structvit_jax.data.transforms import ResizeCenterCrop, decode_jpeg
   if isinstance(x, np.ndarray):
     if x.ndim != 3 or x.shape[-1] != 3 or x.dtype != np.uint8:
       raise InputError(f"an image array must be uint8 HxWx3, got {x.dtype} {x.shape}")
     im = Image.fromarray(x)
   else:
     try:
-      im = Image.open(x)
-      im.load()  # PIL reads lazily: force the whole file so a truncated one fails here
-      im = im.convert("RGB")
+      with open(x, "rb") as f:
+        im = decode_jpeg(f.read())  # the pipeline's decoder: any PIL format, to RGB
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       raise InputError(f"cannot read image {os.fspath(x)}: {type(e).__name__}: {e}") from None
   # PIL skips resampling when the size already matches (crop_ratio 1 on synthetic data).
@@ -164,37 +159,21 @@ def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
   return np.asarray(im, np.uint8)
 
 
-def _clip_indices(length: int, spec: dict[str, Any]) -> np.ndarray:
-  from structvit_jax.data import video
-  if spec["sampling"] == "dense":  # the centred window (single-clip test sampling)
-    return video.dense_indices(length, spec["num_frames"], int(spec["sampling_rate"]))
-  return video.segment_indices(length, spec["num_frames"])
-
-
 def _video(x: Input, spec: dict[str, Any]) -> np.ndarray:
-  """uint8 TxHxWx3 (array = all frames of a video, or a file decoded with PyAV) -> test
-  sampling of num_frames, short side to image_size, centre crop (video.DecodeEvalClip)."""
+  """uint8 TxHxWx3 (array = all frames of a video, or a file decoded with PyAV) -> the
+  single test view of the eval pipeline (video.ClipConfig.test_view)."""
   from structvit_jax.data import video
-  size = spec["image_size"]
+  if isinstance(x, np.ndarray) and (x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8
+                                    or not len(x)):
+    raise InputError(f"a clip array must be uint8 TxHxWx3, got {x.dtype} {x.shape}")
+  cfg = video.ClipConfig(spec["num_frames"], spec["image_size"], spec["sampling"],
+                         spec["sampling_rate"])
   if isinstance(x, np.ndarray):
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or not len(x):
-      raise InputError(f"a clip array must be uint8 TxHxWx3, got {x.dtype} {x.shape}")
-    frames = x[_clip_indices(len(x), spec)]
-    h, w = video.short_side_shape(frames.shape[1], frames.shape[2], size)
-    if (h, w) != frames.shape[1:3]:
-      from PIL import Image
-      frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h),
-                                                              Image.Resampling.BILINEAR))
-                         for f in frames])
-  else:
-    path = os.fspath(x)
-    try:
-      with video.VideoReader(path) as reader:
-        frames = reader.read(_clip_indices(reader.num_frames, spec), size)
-    except video.BAD_ERRORS as e:
-      raise InputError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
-  y, x0 = video.crop_offset(frames.shape[1], frames.shape[2], size, 0, 1)
-  return frames[:, y:y + size, x0:x0 + size]
+    return cfg.test_view(x)
+  try:
+    return cfg.test_view(os.fspath(x))
+  except video.BAD_ERRORS as e:
+    raise InputError(f"cannot read video {os.fspath(x)}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -230,8 +209,9 @@ class Predictor:
 
   def preprocess_one(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> float32 model input; InputError if unreadable."""
-    spec = self.input_spec
-    return _normalize(self.read(x), spec["mean"], spec["std"])
+    from structvit_jax.data.pipeline import Normalize  # the eval pipeline's exact op
+    return Normalize(self.input_spec["mean"], self.input_spec["std"]).map(
+        {"image": self.read(x)})["image"]
 
   def read(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> the uint8 image / clip the model sees (resized,

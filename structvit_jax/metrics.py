@@ -8,7 +8,6 @@ from typing import Mapping
 
 from absl import logging
 import jax
-import numpy as np
 
 
 class MetricWriter:
@@ -99,7 +98,3 @@ def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
 def log_console(line: str) -> None:
   if jax.process_index() == 0:
     logging.info("%s", line)
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -25,6 +25,7 @@ from structvit_jax import metrics as metrics_lib
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import sharding as shard_lib
+from structvit_jax.data import evaluators
 
 
 @flax.struct.dataclass
@@ -94,12 +95,6 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  k = min(k, logits.shape[-1])
-  _, idx = jax.lax.top_k(logits, k)
-  return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                config: ml_collections.ConfigDict, num_classes: int
@@ -152,81 +147,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             opt_state=opt_state, ema_params=ema)
   labels = batch["label"]
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                 top1=_topk_correct(logits, labels, 1).mean(),
-                 top5=_topk_correct(logits, labels, 5).mean())
-  if "bad" in batch:  # unreadable examples the pipeline replaced (global count)
-    metrics["bad_examples"] = batch["bad"].sum()
+                 top1=evaluators.topk_correct(logits, labels, 1).mean(),
+                 top5=evaluators.topk_correct(logits, labels, 5).mean(),
+                 **evaluators.BadCount.of(batch))
   return new_state, metrics
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module) -> dict[str, jax.Array]:
-  """Sums over the real (mask == True) examples of the batch."""
-  logits = model.apply(_variables(params, batch_stats), batch["image"], train=False)
-  logits = logits.astype(jnp.float32)
-  mask = batch["mask"].astype(jnp.float32)
-  labels = batch["label"]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  out = dict(loss=(loss * mask).sum(), top1=(_topk_correct(logits, labels, 1) * mask).sum(),
-             top5=(_topk_correct(logits, labels, 5) * mask).sum(), count=mask.sum())
-  if "bad" in batch:     # unreadable eval examples (videos: masked out, not replaced)
-    out["bad_examples"] = batch["bad"].astype(jnp.float32).sum()
-  if "video_id" in batch:  # video views: per-example softmax scores, averaged on the host
-    out["per_example"] = dict(probs=jax.nn.softmax(logits), video_id=batch["video_id"],
-                              label=labels, mask=batch["mask"])
-  return out
-
-
-def _video_metrics(chunks: list[dict[str, np.ndarray]], mean_per_class: bool
-                   ) -> dict[str, float]:
-  """top-1/top-5 (and mean per-class top-1) of the softmax scores averaged over each
-  video's views (SlowFast/UniFormer multi-view testing sums softmax scores per video)."""
-  real = [{k: v[c["mask"]] for k, v in c.items()} for c in chunks]
-  vid = np.concatenate([c["video_id"] for c in real]).astype(np.int64)
-  if not len(vid):
-    return dict(top1=0.0, top5=0.0, count=0.0, views=0.0)
-  probs = np.concatenate([c["probs"] for c in real]).astype(np.float64)
-  labels = np.concatenate([c["label"] for c in real])
-  videos, inverse = np.unique(vid, return_inverse=True)
-  scores = np.zeros((len(videos), probs.shape[1]))
-  np.add.at(scores, inverse, probs)
-  label = np.zeros(len(videos), np.int64)
-  label[inverse] = labels
-  top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-  top1 = top[:, 0] == label
-  out = dict(top1=float(top1.mean()), top5=float((top == label[:, None]).any(1).mean()),
-             count=float(len(videos)), views=float(len(vid)))
-  if mean_per_class:  # FineGym's metric: top-1 per class, averaged over classes present
-    out["mean_class_top1"] = float(np.mean([top1[label == k].mean() for k in np.unique(label)]))
-  return out
+              model: nn.Module, outputs=evaluators.Classification.outputs) -> dict[str, Any]:
+  """The evaluator's sums over the batch (`outputs`: the evaluator's, data/evaluators.py)."""
+  return outputs(model.apply(_variables(params, batch_stats), batch["image"], train=False),
+                 batch)
 
 
 def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
-             mean_per_class: bool = False) -> dict[str, float]:
-  """Exact evaluation: padded last batch, metrics over real examples only. Batches with a
-  `video_id` (video views) are scored per video: the outputs are replicated, so every
-  process sees every global batch and computes the same per-video metrics, each video once."""
-  totals, chunks = None, []
+             evaluator: evaluators.Classification) -> dict[str, float]:
+  """One exact pass (padded last batch, masked) of `eval_fn` (an eval_step with
+  evaluator's `outputs`); returns `evaluator.result()`."""
   it = eval_inp.make_eval_iterator()
   for local in it:
-    keys = [k for k in ("image", "label", "mask", "video_id", "bad") if k in local]
-    batch = shard_lib.global_batch(mesh, {k: local[k] for k in keys})
+    batch = shard_lib.global_batch(mesh, {k: local[k] for k in evaluator.keys if k in local})
     with jax.set_mesh(mesh):
-      out = eval_fn(params, batch_stats, batch)
-    if "per_example" in out:
-      chunks.append(jax.device_get(out.pop("per_example")))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      evaluator.update(eval_fn(params, batch_stats, batch))
   if hasattr(it, "close"):
     it.close()
-  totals = jax.tree.map(float, jax.device_get(totals))
-  n = max(totals["count"], 1.0)
-  result = dict(loss=totals["loss"] / n, top1=totals["top1"] / n, top5=totals["top5"] / n,
-                count=totals["count"])
-  if chunks:  # loss stays the mean over views; accuracies are per video
-    result.update(_video_metrics(chunks, mean_per_class))
-  if "bad_examples" in totals:
-    result["bad_examples"] = totals["bad_examples"]
-  return result
+  return evaluator.result()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -270,7 +215,9 @@ class _Setup:
     self.init = lambda: jax.jit(init, out_shardings=self.shardings)(rng)
     repl = shard_lib.replicated(self.mesh)
     data = shard_lib.batch_sharding(self.mesh)
-    self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model),
+    self.new_evaluator = lambda: evaluators.evaluator_for(config)
+    self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model,
+                                             outputs=self.new_evaluator().outputs),
                            in_shardings=(self.shardings.params, self.shardings.batch_stats,
                                          data), out_shardings=repl)
     self.train_fn = jax.jit(
@@ -282,10 +229,10 @@ class _Setup:
                                       keep=config.keep_checkpoints)
 
   def log_model_size(self, writer: metrics_lib.MetricWriter) -> None:
-    n_params = metrics_lib.count_params(self.abstract_state.params)
+    from structvit_jax import flops
+    n_params = flops.count_params(self.abstract_state.params)
     gmacs = None
     try:
-      from structvit_jax import flops
       gmacs = flops.count_model_macs(self.model, self.input_shape)["total"] / 1e9
     except Exception as e:  # the count is informative only; never block training on it
       logging.warning("GFLOPs count failed: %s", e)
@@ -337,12 +284,9 @@ def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
     variants.append(("eval_ema", state.ema_params))
   for prefix, params in variants:
     m = run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp, setup.mesh,
-                 mean_per_class=config.data.get("mean_per_class", False))
+                 setup.new_evaluator())
     results.update({f"{prefix}/{k}": v for k, v in m.items()})
-    extra = (f" mean_class_top1 {m['mean_class_top1']:.4f}" if "mean_class_top1" in m else "")
-    metrics_lib.log_console(f"{prefix} step {step}: loss {m['loss']:.4f} top1 {m['top1']:.4f} "
-                            f"top5 {m['top5']:.4f}{extra} over {int(m['count'])} "
-                            + ("videos" if "views" in m else "examples"))
+    metrics_lib.log_console(evaluators.console_line(prefix, step, m))
   writer.scalars(step, {k: v for k, v in results.items()
                         if not k.endswith(("count", "views"))})
   writer.eval_record(step, results)
@@ -374,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sigterm = ckpt_lib.SigtermFlag()
   progress = metrics_lib.Progress(total, config.batch_size, step)
   history: list[dict] = []        # host metrics since the last log line
-  bad_total = 0.0                 # unreadable examples replaced so far in this run
+  bad = evaluators.BadCount()     # unreadable examples replaced, per log line and in all
   pending = None                  # (step, device metrics): fetched one step late
   eval_results: dict = {}
   compiled = False
@@ -383,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Fetching one step late keeps the device busy; the check still names the step.
     s, m = item
     m = {k: float(v) for k, v in jax.device_get(m).items()}
+    bad.add(m)
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       raise FloatingPointError(
           f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}. "
@@ -430,13 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush()
         avg = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
         avg["lr"] = history[-1]["lr"]
-        if "bad_examples" in avg:  # a count over the interval, not a mean
-          avg["bad_examples"] = float(sum(h["bad_examples"] for h in history))
-          bad_total += avg["bad_examples"]
         history.clear()
-        avg.update(progress.tick(step))
-        metrics_lib.log_console(metrics_lib.console_line(step, total, avg) + (
-            f" bad examples {int(bad_total)}" if bad_total else ""))
+        avg.update(progress.tick(step), **bad.take())
+        metrics_lib.log_console(metrics_lib.console_line(step, total, avg) + bad.console())
         writer.scalars(step, {f"train/{k}": v for k, v in avg.items()})
       if preempted:
         save(step)

@@ -21,8 +21,6 @@ from absl import flags
 from absl import logging
 
 FLAGS = flags.FLAGS
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _define_flags() -> None:
@@ -49,6 +47,7 @@ def open_model(spec: str, kind: str | None = None, image_size: int | None = None
   import jax
   import jax.numpy as jnp
   from structvit_jax import inference
+  from structvit_jax.data.preprocessing import default_spec
   from structvit_jax.models import get_model, list_models
   if os.path.isdir(spec):
     p = inference.load(spec)
@@ -64,11 +63,9 @@ def open_model(spec: str, kind: str | None = None, image_size: int | None = None
     raise ValueError(f"{spec!r} is neither an export directory nor a preset; presets: "
                      f"{', '.join(list_models())}")
   model = get_model(spec)
-  input_spec = {"kind": kind or "image", "image_size": image_size or 224,
-                "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "crop_ratio": 0.875}
-  if input_spec["kind"] == "video":
-    input_spec.update(num_frames=frames or 16, sampling="dense", sampling_rate=1)
-  input_spec = inference._check_input_spec(input_spec)
+  kind = kind or "image"
+  input_spec = inference._check_input_spec(
+      default_spec(kind, image_size or 224, (frames or 16) if kind == "video" else 0))
   p = inference.Predictor(model, {}, input_spec, None, {"model": spec})
   x = jnp.zeros((1, *p.input_shape), jnp.float32)
   p.variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(seed), x)

@@ -196,12 +196,13 @@ def test_video_export_predicts_mp4(tmp_path):
 
 
 def test_input_spec_of_video_configs():
+  from structvit_jax.data.preprocessing import eval_spec
   k400 = tiny_config(**{"data.name": "kinetics400", "data.num_frames": 8, "data.image_size": 224})
   k400.data.sampling, k400.data.sampling_rate = "dense", 8
-  assert export.input_spec(k400) == dict(
+  assert eval_spec(k400.data) == dict(
       kind="video", image_size=224, num_frames=8, mean=[0.45] * 3, std=[0.225] * 3,
       sampling="dense", sampling_rate=8)
   assert export.class_names(k400) is None
   syn = tiny_config(**{"data.name": "synthetic_video", "data.num_frames": 4})
-  assert export.input_spec(syn)["sampling_rate"] == 1
+  assert eval_spec(syn.data)["sampling_rate"] == 1
   assert export.class_names(syn) == list(synthetic.MOTIONS)

@@ -298,3 +298,17 @@ def test_in1k_s_trains_and_evaluates_end_to_end(unchecked, tmp_path, monkeypatch
   assert int(state.step) == 2 and ev["eval/count"] == 3 * N_VAL + 1
   assert np.isfinite(ev["eval/loss"])
   assert "train/bad_examples" in logged  # counted (0 or 1 here: where the shuffle put it)
+
+
+def test_corrupt_record_with_workers_is_logged_once_over_eval_passes(unchecked, capfd,
+                                                                     tmp_path, monkeypatch):
+  from structvit_jax.data import pipeline
+  monkeypatch.setenv(pipeline._MARKERS, str(tmp_path))  # a fresh trainer: nothing logged yet
+  c = _config(unchecked, num_workers=1)
+  c.data.eval_split = "train"  # the split that holds the truncated file
+  inp = create_input(c, "eval", 8)
+  for _ in range(2):  # every pass starts new worker processes
+    bad = sum(int(b["bad"].sum()) for b in inp.make_eval_iterator())
+    assert bad == 1
+  err = capfd.readouterr().err
+  assert err.count("unreadable image cat/0.jpg") == 1, err[-3000:]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from structvit_jax import config_utils, train
-from structvit_jax.data import DatasetNotFoundError, create_input, video
+from structvit_jax.data import DatasetNotFoundError, create_input, evaluators, video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LEVEL = 6            # frame i is flat grey i * LEVEL: its index survives compression
@@ -199,7 +199,7 @@ def test_randaugment_and_erasing_treat_every_frame_alike():
     changed += not np.array_equal(out[0], frame)
   assert changed >= 3
   x = np.zeros((4, 32, 32, 3), np.float32)
-  out = video.VideoRandomErasing(1.0).random_map({"image": x}, np.random.default_rng(0))["image"]
+  out = video.RandomErasing(1.0).random_map({"image": x}, np.random.default_rng(0))["image"]
   boxes = out != 0
   assert boxes.any() and all(np.array_equal(boxes[0], b) for b in boxes)  # one box, all frames
   assert not np.array_equal(out[0], out[1])              # fresh noise per frame
@@ -255,8 +255,9 @@ def test_multi_view_eval_averages_softmax_per_video_once(data_dir):
   inp = create_input(c, "eval", local_batch_size=5)        # 12 views -> 3 batches, 3 padding
   model = MeanPixelModel()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
-  got = train.run_eval(eval_fn, {}, {}, inp, mesh, mean_per_class=True)
+  eval_fn = jax.jit(functools.partial(train.eval_step, model=model,
+                                      outputs=evaluators.MultiViewVideo.outputs))
+  got = train.run_eval(eval_fn, {}, {}, inp, mesh, evaluators.MultiViewVideo(True))
   # reference: softmax per view, mean over each video's 4 views, then top-1
   probs, labels = {}, {}
   for b in inp.make_eval_iterator():
@@ -285,7 +286,7 @@ def test_video_metrics_mean_per_class():
   probs = np.array([[.9, .1], [.2, .8], [.6, .4], [.3, .7], [.1, .9]], np.float32)
   chunk = dict(probs=probs, video_id=np.array([0, 0, 1, 2, 2]), label=np.array([0, 0, 1, 1, 1]),
                mask=np.array([True, True, True, True, False]))
-  m = train._video_metrics([chunk], mean_per_class=True)
+  m = evaluators.video_metrics([chunk], mean_per_class=True)
   # video 0: mean [.55,.45] -> 0 (right); 1 -> 0 (wrong); 2 -> 1 (right; masked view ignored)
   assert (m["count"], m["views"], m["top1"]) == (3, 4, pytest.approx(2 / 3))
   assert m["mean_class_top1"] == pytest.approx((1.0 + 0.5) / 2)

@@ -1,7 +1,7 @@
 """TensorFlow-free tfds builders for image classification data, and the reader.
 
 The builders write ArrayRecord shards (`file_format='array_record'`; tfds' TFRecord writer
-and its numpy-image encoder need TensorFlow, ../shared/STACK.md G5). Features match the
+and its numpy-image encoder need TensorFlow, docs/platform_notes.md). Features match the
 official tfds `imagenet2012`: image (tfds Image, the source JPEG bytes stored as they are),
 label (ClassLabel), file_name (Text: the path relative to the split directory). So official
 `imagenet2012` ArrayRecord data and ours are read by the same code (`open_split`).
@@ -68,7 +68,7 @@ def imagenet_validation_labels() -> list[str]:
 class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes the given `Item`s; subclasses set name, VERSION and the label names."""
 
-  pkg_dir_path = epath.Path(__file__).parent  # no dataset package dir (STACK.md §3)
+  pkg_dir_path = epath.Path(__file__).parent  # no dataset package dir (docs/platform_notes.md)
   # tfds' own code_path() needs the `importlib_resources` backport for modules in a
   # package (a tfds bug on Python >= 3.9); there are no checksums to find next to us.
   code_path = epath.Path(__file__)

@@ -13,8 +13,8 @@ import os
 import ml_collections
 
 from structvit_jax.data import builders, transforms
-from structvit_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError,
-                                         DatasetSpec, Normalize)
+from structvit_jax.data.pipeline import DatasetNotFoundError, DatasetSpec, Normalize
+from structvit_jax.data.preprocessing import eval_spec
 
 
 def _missing(data: ml_collections.ConfigDict, tfds_name: str, split: str, why: str
@@ -33,7 +33,7 @@ def _missing(data: ml_collections.ConfigDict, tfds_name: str, split: str, why: s
 
 
 def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
-  tfds_name = data.get("tfds_name", "") or data.name
+  tfds_name = data.tfds_name or data.name
   if not data.data_dir:
     raise _missing(data, tfds_name, split, "config.data.data_dir is not set "
                    "(pass --config.data.data_dir=DIR)")
@@ -48,14 +48,12 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   except KeyError as e:
     raise _missing(data, tfds_name, split, str(e)) from None
   source = transforms.DecodedImages(source, f"{prepared}:{split}")
-  size = data.image_size
-  norm = lambda: Normalize(IMAGENET_MEAN, IMAGENET_STD)
+  size, spec = data.image_size, eval_spec(data)
+  norm = lambda: Normalize(spec["mean"], spec["std"])
   if train:
     ops = transforms.deit_train(
-        size, norm, scale=tuple(data.get("crop_scale", (0.08, 1.0))),
-        flip=data.get("random_flip", True), randaugment=data.get("randaugment", ""),
-        random_erase=data.get("random_erase", 0.0), mean=IMAGENET_MEAN)
+        size, norm, scale=tuple(data.crop_scale), flip=data.random_flip,
+        randaugment=data.randaugment, random_erase=data.random_erase, mean=spec["mean"])
   else:
-    ops = (transforms.MaskBad(),) + transforms.deit_eval(size, norm,
-                                                         data.get("eval_crop_ratio", 0.875))
+    ops = (transforms.MaskBad(),) + transforms.deit_eval(size, norm, spec["crop_ratio"])
   return DatasetSpec(source, num_classes, (size, size, 3), ops)

@@ -18,10 +18,16 @@ A dataset is registered in `_BUILDERS` as a function (config.data, split name, t
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import hashlib
 import math
+import os
+import shutil
+import tempfile
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
@@ -32,6 +38,23 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIDEO_MEAN, VIDEO_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)  # SlowFast/UniFormer video
 
 Transform = grain.transforms.Map | grain.transforms.RandomMap
+_WARNED: set[str] = set()  # unreadable examples this process has logged
+_MARKERS = "STRUCTVIT_JAX_BAD_MARKERS"  # env: a folder the trainer shares with its workers
+
+
+def warn_bad_once(key: str, message: str, *args: Any) -> None:
+  """Logs an unreadable example (`key`: which) once per trainer. Grain workers are new
+  processes on every eval pass, so with workers the first to log leaves a marker file."""
+  if key in _WARNED:
+    return
+  _WARNED.add(key)
+  try:
+    if _MARKERS in os.environ:  # only the process that creates the marker logs
+      os.close(os.open(os.path.join(os.environ[_MARKERS], hashlib.sha1(key.encode())
+                                    .hexdigest()), os.O_CREAT | os.O_EXCL))
+    logging.warning(message, *args)
+  except FileExistsError:
+    pass
 
 
 class Normalize(grain.transforms.Map):
@@ -47,11 +70,44 @@ class Normalize(grain.transforms.Map):
 
 
 class RandomFlip(grain.transforms.RandomMap):
-  """Horizontal flip with probability 1/2 (W is axis -2 for images and clips)."""
+  """Horizontal flip with probability 1/2: PIL images, and arrays whose W is axis -2 (HWC
+  images, THWC clips)."""
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if rng.random() < 0.5:
-      element = {**element, "image": np.ascontiguousarray(element["image"][..., ::-1, :])}
+      im = element["image"]
+      im = (np.ascontiguousarray(im[..., ::-1, :]) if isinstance(im, np.ndarray)
+            else im.transpose(0))  # PIL Image.Transpose.FLIP_LEFT_RIGHT
+      element = {**element, "image": im}
+    return element
+
+
+class RandomErasing(grain.transforms.RandomMap):
+  """timm RandomErasing, mode 'pixel', one box, on the normalised image or clip: with
+  probability p a box of 2%-1/3 of the area and aspect in [0.3, 1/0.3] is filled with
+  N(0, 1) noise; a clip gets the same box on every frame (SlowFast's `cube` erasing) and
+  fresh noise per frame."""
+
+  def __init__(self, probability: float = 0.25, min_area: float = 0.02,
+               max_area: float = 1 / 3, min_aspect: float = 0.3):
+    self.p, self.min_area, self.max_area = probability, min_area, max_area
+    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if rng.random() > self.p:
+      return element
+    img = element["image"]
+    *lead, h_img, w_img, c = img.shape
+    for _ in range(10):
+      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
+      aspect = math.exp(rng.uniform(*self.log_aspect))
+      h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+      if w < w_img and h < h_img:
+        top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
+        img = img.copy()
+        img[..., top:top + h, left:left + w, :] = rng.standard_normal((*lead, h, w, c),
+                                                                      np.float32)
+        return {**element, "image": img}
     return element
 
 
@@ -81,8 +137,8 @@ class DatasetNotFoundError(FileNotFoundError):
 def _synthetic_image(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
   size = data.image_size
   source = synthetic.SyntheticImageSource(split, _num_examples(data, split), size,
-                                          seed=data.get("generator_seed", 0))
-  ops = (RandomFlip(),) if train and data.get("random_flip", True) else ()
+                                          seed=data.generator_seed)
+  ops = (RandomFlip(),) if train and data.random_flip else ()
   return DatasetSpec(source, source.num_classes, (size, size, 3),
                      ops + (Normalize(IMAGENET_MEAN, IMAGENET_STD),))
 
@@ -93,15 +149,14 @@ def _synthetic_video(data: ml_collections.ConfigDict, split: str, train: bool) -
   if frames <= 0:
     raise ValueError("synthetic_video needs config.data.num_frames > 0")
   source = synthetic.SyntheticVideoSource(split, _num_examples(data, split), size, frames,
-                                          seed=data.get("generator_seed", 0))
+                                          seed=data.generator_seed)
   return DatasetSpec(source, source.num_classes, (frames, size, size, 3),
                      (Normalize(VIDEO_MEAN, VIDEO_STD),))
 
 
 def _num_examples(data: ml_collections.ConfigDict, split: str) -> int:
-  # Sizes of the built-in datasets: config.data.{train,eval}_examples when set.
-  key = "train_examples" if split == data.train_split else "eval_examples"
-  return int(data.get(key, 4096 if key == "train_examples" else 1024))
+  # Sizes of the built-in datasets.
+  return int(data.train_examples if split == data.train_split else data.eval_examples)
 
 
 def _video(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
@@ -157,6 +212,9 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   # Elements here are whole local batches: keep the read-ahead buffer to a few of them.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
+    if not os.environ.get(_MARKERS):  # the workers inherit the environment
+      os.environ[_MARKERS] = tempfile.mkdtemp(prefix="structvit_jax_bad_")
+      atexit.register(shutil.rmtree, os.environ[_MARKERS], True)
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=2))
   return it

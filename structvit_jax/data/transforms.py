@@ -16,10 +16,12 @@ import math
 import re
 from typing import Any, Callable, Sequence
 
-from absl import logging
 import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from structvit_jax.data.pipeline import IMAGENET_MEAN, RandomErasing, RandomFlip, warn_bad_once
+from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
 
 BICUBIC = Image.Resampling.BICUBIC
 Element = dict[str, Any]
@@ -35,16 +37,13 @@ def decode_jpeg(data: bytes) -> Image.Image:
   return im if im.mode == "RGB" else im.convert("RGB")
 
 
-_LOGGED: set[tuple[str, int]] = set()  # (source, record) already logged in this process
-
-
 class DecodedImages:
   """Random-access source over a tfds source of encoded images that decodes them, and
   replaces an unreadable example by the next readable one (deterministic: index i+1,
   i+2, ...). Output: dict(image=PIL RGB, label=int32, bad=int32 1 if replaced).
 
-  Each bad record is logged once per process (grain workers are processes) with its path,
-  however many pipelines (train, eval passes) read it.
+  Each bad record is logged once (pipeline.warn_bad_once) with its path, however many
+  pipelines (train, eval passes, workers) read it; eval masks the stand-in out (MaskBad).
   """
 
   def __init__(self, source: Any, where: str, max_tries: int = 100):
@@ -61,12 +60,11 @@ class DecodedImages:
       try:
         image = decode_jpeg(record["image"])
       except Exception as e:  # corrupt / truncated: any decode failure
-        if (self.where, i) not in _LOGGED:
-          _LOGGED.add((self.where, i))
-          name = record.get("file_name", b"?")
-          name = name.decode() if isinstance(name, bytes) else str(name)
-          logging.warning("unreadable image %s (record %d of %s): %s: %s; replaced by the "
-                          "next readable example", name, i, self.where, type(e).__name__, e)
+        name = record.get("file_name", b"?")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        warn_bad_once(f"{self.where}:{i}", "unreadable image %s (record %d of %s): %s: %s; "
+                      "training replaces it by the next readable example, evaluation leaves "
+                      "it out", name, i, self.where, type(e).__name__, e)
         continue
       return {"image": image, "label": np.int32(record["label"]), "bad": np.int32(k > 0)}
     raise RuntimeError(f"{self.max_tries} consecutive unreadable images from record {index} "
@@ -122,18 +120,11 @@ class RandomResizedCrop(grain.transforms.RandomMap):
                                           box=(x, y, x + w, y + h))}
 
 
-class RandomFlipPIL(grain.transforms.RandomMap):
-  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    if rng.random() < 0.5:
-      element = {**element, "image": element["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)}
-    return element
-
-
 class ResizeCenterCrop(grain.transforms.Map):
   """Eval: shorter side to floor(size / crop_ratio) (bicubic), then the central size x size
   (timm's eval transform with crop_pct)."""
 
-  def __init__(self, size: int, crop_ratio: float = 0.875):
+  def __init__(self, size: int, crop_ratio: float = DEFAULT_EVAL_CROP_RATIO):
     self.size, self.resize_to = size, int(math.floor(size / crop_ratio))
 
   def map(self, element: Element) -> Element:
@@ -241,7 +232,7 @@ class RandAugment(grain.transforms.RandomMap):
   n ops drawn uniformly with replacement, each applied with probability p at magnitude
   N(m, mstd) clipped to [0, mmax]."""
 
-  def __init__(self, config: str, mean: Sequence[float] = (0.485, 0.456, 0.406)):
+  def __init__(self, config: str, mean: Sequence[float] = IMAGENET_MEAN):
     parts = config.split("-")
     if parts[0] != "rand":
       raise ValueError(f"RandAugment config must start with 'rand-', got {config!r}")
@@ -278,47 +269,16 @@ class RandAugment(grain.transforms.RandomMap):
     return {**element, "image": im}
 
 
-# ----------------------------------------------------------------------------- erasing
-
-
-class RandomErasing(grain.transforms.RandomMap):
-  """timm RandomErasing, mode 'pixel', one box: with probability p, a box of 2%-1/3 of the
-  area and aspect in [0.3, 1/0.3] is filled with N(0, 1) noise (on the normalised image)."""
-
-  def __init__(self, probability: float = 0.25, min_area: float = 0.02,
-               max_area: float = 1 / 3, min_aspect: float = 0.3):
-    self.p, self.min_area, self.max_area = probability, min_area, max_area
-    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-
-  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    if rng.random() > self.p:
-      return element
-    img = element["image"]
-    h_img, w_img, c = img.shape
-    for _ in range(10):
-      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
-      aspect = math.exp(rng.uniform(*self.log_aspect))
-      h = int(round(math.sqrt(target * aspect)))
-      w = int(round(math.sqrt(target / aspect)))
-      if w < w_img and h < h_img:
-        top = int(rng.integers(0, h_img - h + 1))
-        left = int(rng.integers(0, w_img - w + 1))
-        img = img.copy()
-        img[top:top + h, left:left + w] = rng.standard_normal((h, w, c), dtype=np.float32)
-        return {**element, "image": img}
-    return element
-
-
 # ----------------------------------------------------------------------------- recipes
 
 
 def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
                scale: Sequence[float] = (0.08, 1.0), flip: bool = True,
                randaugment: str = "rand-m9-mstd0.5-inc1", random_erase: float = 0.25,
-               mean: Sequence[float] = (0.485, 0.456, 0.406)) -> tuple:
+               mean: Sequence[float] = IMAGENET_MEAN) -> tuple:
   ops: list = [RandomResizedCrop(size, scale)]
   if flip:
-    ops.append(RandomFlipPIL())
+    ops.append(RandomFlip())
   if randaugment:
     ops.append(RandAugment(randaugment, mean))
   ops += [ToArray(), normalize()]
@@ -328,5 +288,5 @@ def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
 
 
 def deit_eval(size: int, normalize: Callable[[], grain.transforms.Map],
-              crop_ratio: float = 0.875) -> tuple:
+              crop_ratio: float = DEFAULT_EVAL_CROP_RATIO) -> tuple:
   return (ResizeCenterCrop(size, crop_ratio), ToArray(), normalize())

@@ -24,7 +24,7 @@ Temporal sampling (frame indices into the file's frames; L = number of frames):
 Spatial: train: short side to a size drawn as SlowFast (inverse-uniform in scale_jitter),
 random image_size crop, RandAugment (config.data.randaugment, the same ops on every frame),
 flip unless random_flip=False, normalise, random erasing (config.data.random_erase, one box
-through all frames). Test: short side to image_size, then
+through all frames). Test (preprocessing.eval_spec): short side to image_size, then
 crop k of test_crops: 1 -> centre; 3 -> left/centre/right along the long side (SlowFast
 `uniform_crop`). Eval emits each video's test_clips x test_crops views as separate examples
 (view = clip * test_crops + crop) with its `video_id`; the trainer averages their softmax
@@ -43,15 +43,15 @@ import os
 import threading
 from typing import Any, Sequence
 
-from absl import logging
 import av
 from av.video.reformatter import VideoReformatter
 import grain
 import ml_collections
 import numpy as np
 
-from structvit_jax.data.pipeline import (VIDEO_MEAN, VIDEO_STD, DatasetNotFoundError,
-                                         DatasetSpec, Normalize, RandomFlip)
+from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Normalize,
+                                         RandomErasing, RandomFlip, warn_bad_once)
+from structvit_jax.data.preprocessing import eval_spec
 
 # Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
 VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
@@ -162,8 +162,8 @@ _local = threading.local()   # grain may run transforms in threads: one reformat
 
 
 def _reformatter() -> VideoReformatter:
-  # av 18 (Python 3.11) rebuilds the rgb conversion per frame unless the reformatter is
-  # reused (STACK.md G13): ~5x faster decoding.
+  # PyAV rebuilds the rgb conversion per frame unless the reformatter is reused
+  # (docs/platform_notes.md).
   if not hasattr(_local, "reformatter"):
     _local.reformatter = VideoReformatter()
   return _local.reformatter
@@ -223,7 +223,7 @@ class VideoReader:
     start = st.start_time or 0
     pos = 0
     if seek and st.average_rate and st.time_base:
-      # The exact-frame recipe (STACK.md section 4): seek to the keyframe before the
+      # The exact-frame recipe (docs/platform_notes.md): seek to the keyframe before the
       # target, then read the position of the first decoded frame from its pts.
       self.container.seek(int(int(want[0]) / st.average_rate / st.time_base) + start,
                           stream=st, backward=True, any_frame=False)
@@ -248,42 +248,55 @@ class VideoReader:
 
 # ----------------------------------------------------------------------------- transforms
 
-_logged_bad: set[str] = set()
-
-
 def _log_bad(path: str, error: Exception) -> None:
-  if path not in _logged_bad:   # once per path and process
-    _logged_bad.add(path)
-    logging.warning("Skipping unreadable video %s: %s: %s", path, type(error).__name__, error)
+  warn_bad_once(path, "unreadable video %s: %s: %s; training replaces it by another video, "
+                "evaluation leaves its views out", path, type(error).__name__, error)
 
 
-class _ClipConfig:
-  def __init__(self, data: ml_collections.ConfigDict, entries: Sequence[tuple[str, int]]):
-    self.entries = entries
-    self.num_frames, self.size = int(data.num_frames), int(data.image_size)
-    self.sampling = data.get("sampling", "dense")
-    self.rate = int(data.get("sampling_rate", 1) or 1)
-    self.jitter = tuple(int(s) for s in data.get("scale_jitter", (self.size, self.size)))
-    self.clips, self.crops = int(data.get("test_clips", 1)), int(data.get("test_crops", 1))
+class ClipConfig:
+  """Frame sampling and test views (module docstring), of config.data or an export's spec."""
+
+  def __init__(self, num_frames: int, size: int, sampling: str = "dense", rate: int = 1,
+               clips: int = 1, crops: int = 1):
+    self.num_frames, self.size, self.sampling = int(num_frames), int(size), sampling
+    self.rate, self.clips, self.crops = int(rate or 1), int(clips), int(crops)
 
   def indices(self, length: int, rng=None, clip: int = 0) -> np.ndarray:
     if self.sampling == "dense":
       return dense_indices(length, self.num_frames, self.rate, rng, clip, self.clips)
     return segment_indices(length, self.num_frames, rng, clip, self.clips)
 
+  def test_view(self, video: str | np.ndarray, view: int = 0) -> np.ndarray:
+    """uint8 [T, S, S, 3]: view `view` (clip * crops + crop) of a video file, or of an
+    array of all a video's frames (short side resized with PIL, bilinear)."""
+    clip, crop = divmod(int(view), self.crops)
+    if isinstance(video, np.ndarray):
+      frames = video[self.indices(len(video), clip=clip)]
+      h, w = short_side_shape(frames.shape[1], frames.shape[2], self.size)
+      if (h, w) != frames.shape[1:3]:
+        from PIL import Image
+        frames = np.stack([np.asarray(Image.fromarray(f).resize(
+            (w, h), Image.Resampling.BILINEAR)) for f in frames])
+    else:
+      with VideoReader(video) as reader:
+        frames = reader.read(self.indices(reader.num_frames, clip=clip), self.size)
+    y, x = crop_offset(frames.shape[1], frames.shape[2], self.size, crop, self.crops)
+    return frames[:, y:y + self.size, x:x + self.size]
+
 
 class DecodeTrainClip(grain.transforms.RandomMap):
   """path -> random clip uint8 [T, S, S, 3] (temporal sampling, scale jitter, crop)."""
 
-  def __init__(self, cfg: _ClipConfig):
-    self.cfg = cfg
+  def __init__(self, cfg: ClipConfig, entries: Sequence[tuple[str, int]],
+               jitter: tuple[int, int]):
+    self.cfg, self.entries, self.jitter = cfg, entries, jitter
 
   def _clip(self, path: str, rng: np.random.Generator) -> np.ndarray:
     c = self.cfg
     with VideoReader(path) as reader:
       idx = c.indices(reader.num_frames, rng)
       # SlowFast random_short_side_scale_jitter: inverse-uniform (uniform in 1/size).
-      short = int(round(1.0 / rng.uniform(1.0 / c.jitter[1], 1.0 / c.jitter[0])))
+      short = int(round(1.0 / rng.uniform(1.0 / self.jitter[1], 1.0 / self.jitter[0])))
       frames = reader.read(idx, short)
     y = int(rng.integers(0, frames.shape[1] - c.size + 1))
     x = int(rng.integers(0, frames.shape[2] - c.size + 1))
@@ -292,13 +305,13 @@ class DecodeTrainClip(grain.transforms.RandomMap):
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     video, bad = int(element["video_id"]), 0
     for _ in range(MAX_RETRIES):
-      path, label = self.cfg.entries[video]
+      path, label = self.entries[video]
       try:
         clip = self._clip(path, rng)
         return {"image": clip, "label": np.int32(label), "bad": np.int32(bad)}
       except BAD_ERRORS as e:
         _log_bad(path, e)
-        bad, video = 1, int(rng.integers(len(self.cfg.entries)))
+        bad, video = 1, int(rng.integers(len(self.entries)))
     raise RuntimeError(f"{MAX_RETRIES} videos in a row could not be read (last: {path}); "
                        f"is the dataset readable?")
 
@@ -306,22 +319,16 @@ class DecodeTrainClip(grain.transforms.RandomMap):
 class DecodeEvalClip(grain.transforms.Map):
   """(path, view) -> the fixed test view uint8 [T, S, S, 3]; `mask` False if unreadable."""
 
-  def __init__(self, cfg: _ClipConfig):
+  def __init__(self, cfg: ClipConfig):
     self.cfg = cfg
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    c = self.cfg
-    clip_k, crop_k = divmod(int(element["view"]), c.crops)
-    path = element["path"]
+    c, path = self.cfg, element["path"]
     real = bool(element.get("mask", True))
     out = {"label": element["label"], "video_id": element["video_id"],
            "view": element["view"], "bad": np.int32(0)}
     try:
-      with VideoReader(path) as reader:
-        frames = reader.read(c.indices(reader.num_frames, clip=clip_k), c.size)
-      y, x = crop_offset(frames.shape[1], frames.shape[2], c.size, crop_k, c.crops)
-      out["image"] = frames[:, y:y + c.size, x:x + c.size]
-      out["mask"] = np.bool_(real)
+      out["image"], out["mask"] = c.test_view(path, element["view"]), np.bool_(real)
     except BAD_ERRORS as e:
       _log_bad(path, e)
       out["image"] = np.zeros((c.num_frames, c.size, c.size, 3), np.uint8)
@@ -347,33 +354,6 @@ class VideoRandAugment(grain.transforms.RandomMap):
     return {**element, "image": np.stack(frames)}
 
 
-class VideoRandomErasing(grain.transforms.RandomMap):
-  """timm/SlowFast RandomErasing, 'pixel' mode, on the normalised clip: with probability p
-  one box (2%-1/3 of the area, aspect in [0.3, 1/0.3]), the same on every frame (SlowFast's
-  `cube` erasing), filled with N(0, 1) noise."""
-
-  def __init__(self, probability: float, min_area: float = 0.02, max_area: float = 1 / 3,
-               min_aspect: float = 0.3):
-    self.p, self.min_area, self.max_area = probability, min_area, max_area
-    self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    if rng.random() > self.p:
-      return element
-    clip = element["image"]
-    t, h_img, w_img, c = clip.shape
-    for _ in range(10):
-      target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
-      aspect = math.exp(rng.uniform(*self.log_aspect))
-      h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-      if w < w_img and h < h_img:
-        top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
-        clip = clip.copy()
-        clip[:, top:top + h, left:left + w] = rng.standard_normal((t, h, w, c), np.float32)
-        return {**element, "image": clip}
-    return element
-
-
 # ----------------------------------------------------------------------------- builder
 
 
@@ -389,7 +369,7 @@ def _howto(data: ml_collections.ConfigDict) -> str:
 def list_file(data: ml_collections.ConfigDict, split: str) -> str:
   key = ("train_list" if split == data.train_split else
          "eval_list" if split == data.eval_split else None)
-  name = (data.get(key) if key else "") or f"{split}.csv"
+  name = (data[key] if key else "") or f"{split}.csv"
   return os.path.join(data.data_dir, name)
 
 
@@ -403,26 +383,28 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   if not os.path.isfile(path):
     raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}): list file {path!r} "
                                f"does not exist. {_howto(data)}")
-  num_classes = int(data.get("num_classes", 0) or VIDEO_DATASETS[name])
+  num_classes = int(data.num_classes or VIDEO_DATASETS[name])
   entries = read_list(path, root, num_classes)
   if not entries:
     raise DatasetNotFoundError(f"dataset {name!r}: list file {path!r} lists no videos.")
-  cfg = _ClipConfig(data, entries)
+  cfg = ClipConfig(data.num_frames, data.image_size, data.sampling, data.sampling_rate,
+                   data.test_clips, data.test_crops)
+  jitter = tuple(int(s) for s in data.scale_jitter or (cfg.size, cfg.size))
   if cfg.num_frames <= 0 or cfg.sampling not in ("dense", "segment"):
     raise ValueError(f"{name}: needs config.data.num_frames > 0 (got {cfg.num_frames}) and "
                      f"sampling 'dense' or 'segment' (got {cfg.sampling!r})")
-  if train and min(cfg.jitter) < cfg.size:
-    raise ValueError(f"config.data.scale_jitter={cfg.jitter} must not be below image_size "
+  if train and min(jitter) < cfg.size:
+    raise ValueError(f"config.data.scale_jitter={jitter} must not be below image_size "
                      f"{cfg.size} (short side before the random crop)")
-  mean, std = data.get("mean", VIDEO_MEAN), data.get("std", VIDEO_STD)
   if train:  # SlowFast order: sample, RandAugment, jitter + crop + flip, normalise, erase
-    ops = ((DecodeTrainClip(cfg),)
-           + ((VideoRandAugment(data.randaugment, mean),) if data.get("randaugment") else ())
-           + ((RandomFlip(),) if data.get("random_flip", True) else ())
-           + (Normalize(mean, std),)
-           + ((VideoRandomErasing(data.random_erase),) if data.get("random_erase") else ()))
+    ops = ((DecodeTrainClip(cfg, entries, jitter),)
+           + ((VideoRandAugment(data.randaugment, data.mean),) if data.randaugment else ())
+           + ((RandomFlip(),) if data.random_flip else ())
+           + (Normalize(data.mean, data.std),)
+           + ((RandomErasing(data.random_erase),) if data.random_erase else ()))
     source = VideoListSource(entries)
   else:
     source = VideoListSource(entries, cfg.clips * cfg.crops)
-    ops = (DecodeEvalClip(cfg), Normalize(mean, std))
+    spec = eval_spec(data)
+    ops = (DecodeEvalClip(cfg), Normalize(spec["mean"], spec["std"]))
   return DatasetSpec(source, num_classes, (cfg.num_frames, cfg.size, cfg.size, 3), ops)

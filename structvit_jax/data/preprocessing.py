@@ -1,0 +1,42 @@
+"""The eval preprocessing, one owner: what the eval pipeline applies and what an export
+records for `inference.Predictor` to replay (export.py, convert.py, visualize.py read it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
+
+DEFAULT_EVAL_CROP_RATIO = 0.875  # timm/DeiT crop_pct: shorter side to size / 0.875, centre crop
+
+
+def default_spec(kind: str, image_size: int, num_frames: int = 0, **fields: Any
+                 ) -> dict[str, Any]:
+  """Input spec of a model without a training config (converted official weights, random
+  presets): ImageNet mean/std for images, SlowFast's 0.45/0.225 for clips; `fields` add to
+  or override it."""
+  mean, std = (IMAGENET_MEAN, IMAGENET_STD) if kind == "image" else (VIDEO_MEAN, VIDEO_STD)
+  return {**dict(kind=kind, image_size=int(image_size), num_frames=int(num_frames), mean=mean,
+                std=std), **fields}
+
+
+def eval_spec(data: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The eval preprocessing of config.data's dataset (pipeline.py, images.py, video.py)."""
+  synthetic = data.name.startswith("synthetic_")
+  frames = int(data.num_frames or 0)
+  if frames > 0:
+    # synthetic_video clips are exactly num_frames frames at image_size, normalised with
+    # the video defaults: dense sampling at rate 1 and a full-size centre crop leave them as
+    # the trainer's eval saw them.
+    fields = (dict(mean=list(VIDEO_MEAN), std=list(VIDEO_STD), sampling="dense",
+                   sampling_rate=1) if synthetic else
+              dict(mean=list(data.mean), std=list(data.std), sampling=data.sampling,
+                   sampling_rate=int(data.sampling_rate or 1)))
+    return default_spec("video", data.image_size, frames, **fields)
+  # Synthetic images are rendered at image_size and only normalised in eval: crop ratio 1
+  # keeps predict() on such images identical to the trainer's eval.
+  return default_spec("image", data.image_size, mean=list(IMAGENET_MEAN),
+                      std=list(IMAGENET_STD),
+                      crop_ratio=1.0 if synthetic else float(data.eval_crop_ratio))
