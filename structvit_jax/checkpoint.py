@@ -99,13 +99,10 @@ def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | No
     return "no-state", "it has no state/ directory"
   if not os.path.isfile(os.path.join(state, "_METADATA")):
     return "no-metadata", "state/_METADATA is missing"
-  manifests = [os.path.join(state, d, "manifest.ocdbt") for d in os.listdir(state)
-               if d.startswith("ocdbt.process_")]
-  if not manifests or not all(os.path.isfile(m) for m in manifests):
-    return "no-manifest", "an ocdbt manifest.ocdbt under state/ is missing"
-  data = [os.path.join(os.path.dirname(m), "d") for m in manifests]
-  if not all(os.path.isdir(d) and os.listdir(d) for d in data):
-    return "no-arrays", "its array files (state/ocdbt.process_*/d/) are gone"
+  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
+    return "no-manifest", "state/manifest.ocdbt is missing"
+  if not any(files for root, _, files in os.walk(state) if os.path.basename(root) == "d"):
+    return "no-arrays", "its array files (state/**/d/) are gone"
   if with_data_iter:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if not os.path.isfile(os.path.join(step_dir, "data_iter", name)):
@@ -124,6 +121,7 @@ def short_cause(e: BaseException) -> str:
     cur = cur.__cause__ or cur.__context__
   text = str(e).strip().splitlines()
   line = text[0] if text else type(e).__name__
+  line = line.split(" See full TensorStore details")[0]
   if "No space left on device" in str(e):
     return "No space left on device"
   return f"{type(e).__name__}: {line[:300]}"
@@ -247,12 +245,11 @@ class Checkpointer:
       where = "left in place (read-only)"
       if not self.read_only and jax.process_index() == 0:
         where = f"moved to {self._move_aside(s, tag)}"
+        self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)
       rest = [x for x in steps if x < s]
       logging.warning("Checkpoint step %d in %s is unusable: %s; %s; %s.", s, self.directory,
                       why, where, f"trying step {rest[-1]}" if rest else "no older step")
-    if not self.read_only:
-      self.manager.reload()
     raise CheckpointError(
         f"no checkpoint in {self.directory} restores (unusable: steps {skipped}, moved "
         f"aside as <step>.unusable-*); run again to start from step 0, or restore them")
