@@ -19,7 +19,9 @@ A dataset is registered in `_BUILDERS` as a function (config.data, split name, t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import grain
@@ -153,7 +155,7 @@ def _apply(ds: grain.MapDataset, transforms: Sequence[Transform]) -> grain.MapDa
   return ds
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+def _exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> None:
   """grain worker init: the worker exits when the trainer that started it is gone (a
   `kill -9` of the trainer would otherwise leave the workers, and through them the
   multiprocessing resource tracker, running). A daemon thread watches the parent pid;
@@ -163,12 +165,11 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   import os
   import threading
   import time
-  parent = os.getppid()
 
   def watch():
-    while os.getppid() == parent:
+    while os.getppid() == trainer_pid:  # reparented (to init) once the trainer is gone
       time.sleep(0.5)
-    os._exit(0)  # the trainer died: no one will read this worker's batches
+    os._exit(0)  # no one will read this worker's batches
 
   threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
@@ -179,7 +180,7 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=2),
-                        worker_init_fn=_exit_with_parent)
+                        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return it
 
 
