@@ -232,7 +232,7 @@ def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
 
 # ----------------------------------------------------------------------------- resume
 
-# The config fields a resume may change (README "Resuming"): evaluation, logging,
+# The config fields a resume may change (README, "Faults on resume"): evaluation, logging,
 # checkpoint cadence, input workers and where data lives, sharding layout, multi-host
 # wiring. Every other field (model, data, batch size, schedule, optimiser, seed, ...)
 # gives the saved state (params, optimiser moments, step, data position) its meaning, so a
@@ -256,15 +256,17 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(recorded: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'field: recorded -> requested' for every field a resume may not change."""
+  """'field: recorded -> requested' for every field a resume may not change. Fields only
+  one side has (added to or removed from the configs since the run started) are not
+  compared: the checkpoint's arrays are still checked against the model on restore."""
   now = _flat(json.loads(config.to_json_best_effort()))
   before = _flat(recorded)
   changes = []
-  for k in sorted(set(now) | set(before)):
+  for k in sorted(set(now) & set(before)):
     if k in RESUME_MAY_CHANGE or any(p.endswith(".") and k.startswith(p)
                                     for p in RESUME_MAY_CHANGE):
       continue
-    a, b = before.get(k, "<absent>"), now.get(k, "<absent>")
+    a, b = before[k], now[k]
     if a != b:
       changes.append(f"{k}: {a!r} -> {b!r}")
   return changes
@@ -372,7 +374,8 @@ class _Setup:
           what=f"the requested {config.model.name}", where=f"checkpoint step {step}")
       if diff:
         raise ckpt_lib.CheckpointMismatchError(
-            f"checkpoint step {step} in {directory} was not written by the requested model {config.model.name}: {diff}")
+            f"checkpoint step {step} in {directory} was not written by the requested model "
+            f"{config.model.name}: {diff}")
     return check
 
   def restore_or_init(self, config, data_iter) -> TrainState:
