@@ -288,7 +288,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
         f"{workdir} holds a run of {model} (checkpoints up to step {steps[-1]}) whose "
         f"config differs in fields a resume may not change: {'; '.join(changes)}. Use a new "
         f"--workdir, or the recorded values ({path}); a resume may change only "
-        f"{', '.join(RESUME_MAY_CHANGE)}.")
+        f"{', '.join(f + '*' if f.endswith('.') else f for f in RESUME_MAY_CHANGE)}.")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
