@@ -3,12 +3,21 @@
 Layout: <dir>/<step>/state/ (params, opt_state, batch_stats, EMA, step, RNG) and
 <dir>/<step>/data_iter/process_<i>-of-<n>.json (one file per process). Saves are async;
 restores always take a target built from jax.eval_shape with the shardings the trainer uses
-(STACK.md G9), so an array comes back directly on its devices, replicated or FSDP-sharded.
+(docs/platform_notes.md), so an array comes back directly on its devices, replicated or
+FSDP-sharded.
+
+Steps are listed by Orbax's step-name format (`list_steps`): a directory named `<step>` is
+a step, `<step>.orbax-checkpoint-tmp-*` an unfinished save (removed when a run starts).
+A step that does not restore completely is renamed `<step>.unusable-<reason>` (never
+deleted: the user may want it), which takes it out of that format, and the restore falls
+back to the newest step that does.
 """
 
+import errno
+import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import grain
@@ -20,11 +29,110 @@ import orbax.checkpoint as ocp
 _single_process_handler = False
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used or written; the one-line message says which, why and
+  what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint written by another model or another run configuration."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """An (async) save that failed: the message names the path and the cause."""
+
+
+def list_steps(directory: str) -> list[int]:
+  """The finished checkpoint steps in `directory`, ascending, by Orbax's step-name format
+  (the one CheckpointManager uses): temporary and renamed-unusable directories excluded."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
+
+
+def _paths(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'a/b/c' -> shape for every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_difference(expected: Any, found: Any, what: str = "the model",
+                    where: str = "the checkpoint") -> str | None:
+  """None when both trees have the same leaf paths and shapes, else the first difference
+  in words."""
+  a, b = _paths(expected), _paths(found)
+  missing = sorted(set(a) - set(b))
+  extra = sorted(set(b) - set(a))
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} arrays of {what} not in {where} (e.g. {missing[0]})")
+    if extra:
+      parts.append(f"{len(extra)} arrays in {where} not in {what} (e.g. {extra[0]})")
+    return "; ".join(parts)
+  for k in sorted(a):
+    if a[k] != b[k]:
+      return f"{k} has shape {b[k]} in {where} but {a[k]} in {what}"
+  return None
+
+
+def state_metadata(state_dir: str) -> Any:
+  """The array metadata tree (shapes, dtypes) of an Orbax StandardSave at `state_dir`."""
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    return ckptr.metadata(state_dir).item_metadata
+  finally:
+    ckptr.close()
+
+
+def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | None:
+  """(short tag, explanation) for what is visibly missing in a step directory, else None."""
+  state = os.path.join(step_dir, "state")
+  if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+    return "empty", "the step directory is empty"
+  if not os.path.isdir(state):
+    return "no-state", "it has no state/ directory"
+  if not os.path.isfile(os.path.join(state, "_METADATA")):
+    return "no-metadata", "state/_METADATA is missing"
+  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
+    return "no-manifest", "state/manifest.ocdbt is missing"
+  if not any(files for root, _, files in os.walk(state) if os.path.basename(root) == "d"):
+    return "no-arrays", "its array files (state/**/d/) are gone"
+  if with_data_iter:
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isfile(os.path.join(step_dir, "data_iter", name)):
+      return "no-data-iter", f"data_iter/{name} (the input position) is missing"
+  return None
+
+
+def short_cause(e: BaseException) -> str:
+  """A short cause: the innermost OSError if any (e.g. No space left on device), else the
+  first line of the message."""
+  seen, cur = set(), e
+  while cur is not None and id(cur) not in seen:
+    seen.add(id(cur))
+    if isinstance(cur, OSError) and cur.errno:
+      return f"{os.strerror(cur.errno)}" + (f": {cur.filename}" if cur.filename else "")
+    cur = cur.__cause__ or cur.__context__
+  text = str(e).strip().splitlines()
+  line = text[0] if text else type(e).__name__
+  line = line.split(" See full TensorStore details")[0]
+  if "No space left on device" in str(e):
+    return "No space left on device"
+  return f"{type(e).__name__}: {line[:300]}"
+
+
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
   def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
     self.directory = directory
+    self.read_only = read_only
     global _single_process_handler
     if jax.process_count() == 1 and not _single_process_handler:
       _single_process_handler = True
@@ -38,45 +146,135 @@ class Checkpointer:
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, read_only=read_only,
-            create=not read_only))
+            create=not read_only,
+            # '<step>.orbax-checkpoint-tmp-*' left by a killed save is never a checkpoint.
+            cleanup_tmp_directories=not read_only))
+    self._saving: int | None = None   # the step of the async save in flight
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def _raise_save_error(self, e: BaseException) -> None:
+    self._failed = True
+    step, self._saving = self._saving, None
+    good = [s for s in list_steps(self.directory) if s != step]
+    raise CheckpointSaveError(
+        f"saving checkpoint step {step} to {os.path.join(self.directory, str(step))} "
+        f"failed: {short_cause(e)}. The last good checkpoint is "
+        + (f"step {good[-1]}" if good else "none") + f" in {self.directory}.") from e
+
   def save(self, step: int, state: Any, data_iter: Any = None) -> None:
-    """Starts an async save of `state` (and the iterator state, written synchronously)."""
+    """Starts an async save of `state` (and the iterator state, written synchronously).
+    Raises CheckpointSaveError when this save or the previous async one failed."""
     if self.manager.latest_step() == step:
       return
     items = dict(state=ocp.args.StandardSave(state))
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.wait()  # a failed previous save is reported as that save, before starting another
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001  (disk full, permissions: one line, below)
+      self._raise_save_error(e)
     logging.info("Checkpoint: saving step %d to %s (async)", step, self.directory)
 
+  def _move_aside(self, step: int, tag: str) -> str:
+    src = os.path.join(self.directory, str(step))
+    dst, i = f"{src}.unusable-{tag}", 1
+    while os.path.exists(dst):
+      i += 1
+      dst = f"{src}.unusable-{tag}-{i}"
+    os.rename(src, dst)
+    return dst
+
   def restore(self, abstract_state: Any, step: int | None = None,
-              data_iter: Any = None) -> tuple[Any, int]:
+              data_iter: Any = None, fallback: bool = True,
+              check: Callable[[int, Any], None] | None = None) -> tuple[Any, int]:
     """Restores into the structure/shardings of `abstract_state` (ShapeDtypeStructs with
-    .sharding). Restores the data iterator in place when given. Returns (state, step)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}")
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info("Checkpoint: restored step %d from %s", step, self.directory)
-    return out["state"], step
+    .sharding). Restores the data iterator in place when given. Returns (state, step).
+
+    With `fallback` (and no `step`), a step that does not restore completely is skipped
+    with one warning, moved aside as '<step>.unusable-<reason>' unless read-only, and the
+    next older step is tried. `check(step, metadata)` may raise to refuse a step whose
+    arrays do not fit (a CheckpointMismatchError is never a reason to fall back)."""
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; "
+                              f"steps: {steps}")
+      steps = [step]
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    skipped = []
+    for s in reversed(steps):
+      step_dir = os.path.join(self.directory, str(s))
+      bad = unusable_reason(step_dir, data_iter is not None)
+      if bad is None:
+        try:
+          metadata = state_metadata(os.path.join(step_dir, "state"))
+        except Exception as e:  # noqa: BLE001
+          bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+      if bad is None:
+        if check is not None:
+          check(s, metadata)
+        elif (diff := tree_difference(
+            {"params": abstract_state.params}, {"params": metadata["params"]})):
+          raise CheckpointMismatchError(
+              f"checkpoint step {s} in {self.directory} does not fit the model: {diff}")
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iter is not None:
+          items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+          out = self.manager.restore(s, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001  (damaged files: fall back below)
+          bad = "unreadable", f"it does not restore ({short_cause(e)})"
+      if bad is None:
+        logging.info("Checkpoint: restored step %d from %s", s, self.directory)
+        return out["state"], s
+      tag, why = bad
+      if not fallback or step is not None:
+        older = [x for x in steps if x < s]
+        raise CheckpointError(
+            f"checkpoint step {s} in {self.directory} is unusable: {why}"
+            + (f"; an older step: {older[-1]}" if older else ""))
+      where = "left in place (read-only)"
+      if not self.read_only and jax.process_index() == 0:
+        where = f"moved to {self._move_aside(s, tag)}"
+        self.manager.reload()  # Orbax caches the step list: forget the moved step
+      skipped.append(s)
+      rest = [x for x in steps if x < s]
+      logging.warning("Checkpoint step %d in %s is unusable: %s; %s; %s.", s, self.directory,
+                      why, where, f"trying step {rest[-1]}" if rest else "no older step")
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} restores (unusable: steps {skipped}, moved "
+        f"aside as <step>.unusable-*); run again to start from step 0, or restore them")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the async save; raises CheckpointSaveError (once) if it failed."""
+    if self._failed:
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      self._raise_save_error(e)
+    self._saving = None
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption sync point (all processes agree on the step)."""
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      if not self._failed:
+        self.manager.close()
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

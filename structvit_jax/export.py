@@ -20,6 +20,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import errors
 from structvit_jax import inference
 
@@ -29,13 +30,58 @@ class ExportError(errors.UserError, RuntimeError):
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  ckdir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckdir):
-    return []
-  # Orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames when committed, so a
-  # plain number is a finished checkpoint.
-  return sorted(int(p) for p in os.listdir(ckdir)
-                if p.isdigit() and os.path.isdir(os.path.join(ckdir, p, "state")))
+  """The finished checkpoint steps of a training workdir (Orbax's listing)."""
+  return ckpt_lib.list_steps(os.path.join(workdir, "checkpoints"))
+
+
+def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
+  import jax
+  from structvit_jax import train
+  model = train.build_model(config, num_classes)
+  spec = input_spec(config)
+  size = spec["image_size"]
+  shape = ((spec["num_frames"], size, size, 3) if spec["num_frames"] > 0
+           else (size, size, 3))
+  key = jax.random.PRNGKey(0)
+  variables = jax.eval_shape(
+      lambda x: model.init({"params": key, "dropout": key}, x, train=False),
+      jax.ShapeDtypeStruct((1, *shape), np.float32))
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
+                     steps: list[int]) -> dict[str, Any]:
+  """The arrays of checkpoint `step`, after checking they are complete and are the
+  recorded model's; else ExportError naming the step, why, and the --step to try."""
+  step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  older = [s for s in steps if s < step]
+  hint = f"; export an older step with --step={older[-1]}" if older else ""
+  bad = ckpt_lib.unusable_reason(step_dir, with_data_iter=False)
+  if bad is not None:
+    raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {bad[1]}{hint}")
+  try:
+    metadata = ckpt_lib.state_metadata(os.path.join(step_dir, "state"))
+    num_classes = int(metadata["params"]["head"]["kernel"].shape[-1])
+  except KeyError:
+    raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint "
+                      "params") from None
+  except Exception as e:  # noqa: BLE001
+    raise ExportError(f"checkpoint step {step} in {workdir} is unusable: its metadata does "
+                      f"not read ({ckpt_lib.short_cause(e)}){hint}") from None
+  diff = ckpt_lib.tree_difference(
+      _model_tree(config, num_classes),
+      {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})},
+      what=f"the recorded model {config.model.name} (config.json)",
+      where=f"checkpoint step {step}")
+  if diff:
+    raise ExportError(f"checkpoint step {step} in {workdir} does not fit the recorded model "
+                      f"{config.model.name} ({os.path.join(workdir, 'config.json')}): {diff}")
+  try:
+    return inference.restore_arrays(os.path.join(step_dir, "state"))
+  except Exception as e:  # noqa: BLE001
+    raise ExportError(f"checkpoint step {step} in {workdir} is unusable: it does not restore "
+                      f"({ckpt_lib.short_cause(e)}){hint}") from None
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -94,8 +140,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
     step = steps[-1]
   elif step not in steps:
     raise ExportError(f"no checkpoint of step {step} in {workdir}; steps: {steps}")
-  state = inference.restore_arrays(os.path.join(os.path.abspath(workdir), "checkpoints",
-                                          str(step), "state"))
+  state = _read_checkpoint(workdir, config, step, steps)
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]
   num_classes = _head_classes(params)

@@ -3,11 +3,46 @@ progress line with throughput and ETA."""
 
 import json
 import os
+import tempfile
 import time
 from typing import Mapping
 
 from absl import logging
 import jax
+
+
+class WriteError(OSError):
+  """A run file that could not be written (disk full, permissions); names path and cause."""
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same directory and a rename:
+  a reader (or a run killed half-way, or a full disk) sees the old file or the new one,
+  never a truncated one."""
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = None
+  try:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    tmp = None
+  except OSError as e:
+    raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def read_eval_records(workdir: str) -> list[dict]:
+  """The records of <workdir>/eval_results.jsonl (empty when there is none)."""
+  path = os.path.join(workdir, "eval_results.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 class MetricWriter:
@@ -30,8 +65,13 @@ class MetricWriter:
   def eval_record(self, step: int, results: Mapping[str, float]) -> None:
     """Appends {'step', **results} to <workdir>/eval_results.jsonl (scripts, notebooks)."""
     if self.writer is not None:
-      with open(os.path.join(self.workdir, "eval_results.jsonl"), "a") as f:
-        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in results.items()}}) + "\n")
+      # Rewritten whole and renamed (write_atomic): a full disk never truncates the records.
+      path = os.path.join(self.workdir, "eval_results.jsonl")
+      old = open(path).read() if os.path.isfile(path) else ""
+      if old and not old.endswith("\n"):
+        old += "\n"
+      record = {"step": int(step), **{k: float(v) for k, v in results.items()}}
+      write_atomic(path, old + json.dumps(record) + "\n")
 
   def text(self, tag: str, value: str, step: int = 0) -> None:
     if self.writer is not None:

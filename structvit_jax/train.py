@@ -6,6 +6,7 @@ notebook. Start order: checkpoint in workdir -> config.resume -> config.init_fro
 """
 
 import functools
+import json
 import math
 import os
 import time
@@ -174,6 +175,75 @@ def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
   return evaluator.result()
 
 
+# ----------------------------------------------------------------------------- resume
+
+# The config fields a resume may change (README, "Faults on resume"): evaluation, logging,
+# checkpoint cadence, input workers and where data lives, sharding layout, multi-host
+# wiring. Every other field (model, data, batch size, schedule, optimiser, seed, ...)
+# gives the saved state (params, optimiser moments, step, data position) its meaning, so a
+# resume that changes one is refused. A trailing '.' means every field under that group.
+RESUME_MAY_CHANGE = (
+    "eval_every_epochs", "eval_batch_size", "eval_only", "data.eval_split",
+    "data.eval_examples", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "transfer_guard", "data.num_workers", "data.data_dir", "fsdp", "resume", "init_from.",
+    "distributed.",
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(recorded: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'field: recorded -> requested' for every field a resume may not change. Fields only
+  one side has (added to or removed from the configs since the run started) are not
+  compared: the checkpoint's arrays are still checked against the model on restore."""
+  now = _flat(json.loads(config.to_json_best_effort()))
+  before = _flat(recorded)
+  changes = []
+  for k in sorted(set(now) & set(before)):
+    if k in RESUME_MAY_CHANGE or any(p.endswith(".") and k.startswith(p)
+                                    for p in RESUME_MAY_CHANGE):
+      continue
+    a, b = before[k], now[k]
+    if a != b:
+      changes.append(f"{k}: {a!r} -> {b!r}")
+  return changes
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses (CheckpointMismatchError, one line) to resume workdir's checkpoints with a
+  config that changes a field outside RESUME_MAY_CHANGE."""
+  path = os.path.join(workdir, "config.json")
+  steps = ckpt_lib.list_steps(os.path.join(workdir, "checkpoints"))
+  if not steps or not os.path.isfile(path):
+    return
+  with open(path) as f:
+    recorded = json.load(f)
+  changes = config_changes(recorded, config)
+  if changes:
+    model = recorded.get("model", {}).get("name")
+    raise ckpt_lib.CheckpointMismatchError(
+        f"{workdir} holds a run of {model} (checkpoints up to step {steps[-1]}) whose "
+        f"config differs in fields a resume may not change: {'; '.join(changes)}. Use a new "
+        f"--workdir, or the recorded values ({path}); a resume may change only "
+        f"{', '.join(f + '*' if f.endswith('.') else f for f in RESUME_MAY_CHANGE)}.")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
+  # state is known to fit it (after a restore or a fresh start), atomically.
+  if jax.process_index() == 0:
+    metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
+                             config.to_json_best_effort(indent=2))
+
+
 # ----------------------------------------------------------------------------- setup
 
 
@@ -242,14 +312,35 @@ class _Setup:
     writer.scalars(0, {"model/params_M": n_params / 1e6,
                        **({} if gmacs is None else {"model/gflops": gmacs})})
 
+  def _check_fits(self, config, directory: str):
+    """A Checkpointer.restore check: the checkpoint's params/batch_stats tree and shapes
+    are those of config's model, else one CheckpointMismatchError naming the difference."""
+    def check(step, metadata):
+      diff = ckpt_lib.tree_difference(
+          {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats},
+          {"params": metadata["params"], "batch_stats": metadata.get("batch_stats", {})},
+          what=f"the requested {config.model.name}", where=f"checkpoint step {step}")
+      if diff:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"checkpoint step {step} in {directory} was not written by the requested model "
+            f"{config.model.name}: {diff}")
+    return check
+
   def restore_or_init(self, config, data_iter) -> TrainState:
-    """Workdir checkpoint -> config.resume -> config.init_from.checkpoint -> scratch."""
+    """Workdir checkpoint -> config.resume -> config.init_from.checkpoint -> scratch.
+
+    A damaged newest checkpoint falls back to the newest step that restores (Checkpointer
+    .restore); a checkpoint of another model raises CheckpointMismatchError."""
     if self.ckpt.latest_step() is not None:
-      return self.ckpt.restore(self.abstract_sharded, data_iter=data_iter)[0]
+      return self.ckpt.restore(self.abstract_sharded, data_iter=data_iter,
+                               check=self._check_fits(config, self.ckpt.directory))[0]
     if config.resume:
       src = ckpt_lib.Checkpointer(config.resume, read_only=True)
-      state = src.restore(self.abstract_sharded, data_iter=data_iter)[0]
-      src.close()
+      try:
+        state = src.restore(self.abstract_sharded, data_iter=data_iter,
+                            check=self._check_fits(config, config.resume))[0]
+      finally:
+        src.close()
       return state
     state = self.init()
     init_from = config.init_from
@@ -302,14 +393,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   devices: the devices of the mesh (default: all); tests use a subset.
   """
+  check_resume_config(config, workdir)
   setup = _Setup(config, workdir, devices, train=True)
-  if jax.process_index() == 0:  # what `python -m structvit_jax.export` rebuilds the model from
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  train_iter = setup.train_inp.iterator
+  try:
+    state = setup.restore_or_init(config, train_iter)
+  except BaseException:
+    setup.ckpt.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+    raise
+  _write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir)
   setup.log_model_size(writer)
-  train_iter = setup.train_inp.iterator
-  state = setup.restore_or_init(config, train_iter)
   step = int(jax.device_get(state.step))
   total = setup.total_steps
   eval_every = max(1, int(round(config.eval_every_epochs * setup.steps_per_epoch)))
@@ -392,6 +488,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.pause()
         eval_results = _eval_and_log(setup, state, config, writer, step)
         progress.resume()
+    missing = not eval_results and not any(r.get("step") == step
+                                           for r in metrics_lib.read_eval_records(workdir))
+    if jax.process_count() > 1:  # process 0's file decides: every process must evaluate
+      from jax.experimental import multihost_utils
+      missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if missing:
+      # A finished run killed during its final evaluation: run it now.
+      logging.info("Step %d has no evaluation in %s: evaluating.", step,
+                   os.path.join(workdir, "eval_results.jsonl"))
+      eval_results = _eval_and_log(setup, state, config, writer, step)
     return state, eval_results
   finally:
     sigterm.restore_handler()
@@ -414,11 +520,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   source = setup.ckpt
   if source.latest_step() is None:
     if not config.resume:
+      setup.ckpt.close()
       raise FileNotFoundError(f"No checkpoint in {setup.ckpt.directory} and no config.resume.")
     source = ckpt_lib.Checkpointer(config.resume, read_only=True)
-  state, step = source.restore(setup.abstract_sharded)
-  if source is not setup.ckpt:
-    source.close()
+  try:  # a damaged newest step: the newest that restores, with a warning (as in training)
+    state, step = source.restore(setup.abstract_sharded, check=setup._check_fits(config, source.directory))
+  except BaseException:
+    setup.ckpt.close()
+    raise
+  finally:
+    if source is not setup.ckpt:
+      source.close()
   try:
     return _eval_and_log(setup, state, config, writer, step)
   finally:

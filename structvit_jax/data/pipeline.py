@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -208,6 +209,25 @@ def _apply(ds: grain.MapDataset, transforms: Sequence[Transform]) -> grain.MapDa
   return ds
 
 
+def _exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker exits when the trainer that started it is gone (a
+  `kill -9` of the trainer would otherwise leave the workers, and through them the
+  multiprocessing resource tracker, running). A daemon thread watches the parent pid;
+  prctl(PR_SET_PDEATHSIG) is not used because it fires when the parent *thread* that
+  spawned the worker exits, which need not be the trainer's end."""
+  del worker_index, worker_count
+  import os
+  import threading
+  import time
+
+  def watch():
+    while os.getppid() == trainer_pid:  # reparented (to init) once the trainer is gone
+      time.sleep(0.5)
+    os._exit(0)  # no one will read this worker's batches
+
+  threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   # Elements here are whole local batches: keep the read-ahead buffer to a few of them.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
@@ -216,7 +236,8 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
       os.environ[_MARKERS] = tempfile.mkdtemp(prefix="structvit_jax_bad_")
       atexit.register(shutil.rmtree, os.environ[_MARKERS], True)
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=2))
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return it
 
 
