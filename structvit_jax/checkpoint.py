@@ -25,17 +25,20 @@ import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with or
 import jax
 import orbax.checkpoint as ocp
 
+from structvit_jax import errors
 
 _single_process_handler = False
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.RunError, RuntimeError):
   """A checkpoint that cannot be used or written; the one-line message says which, why and
-  what to do."""
+  what to do (exit status 1)."""
 
 
 class CheckpointMismatchError(CheckpointError):
-  """A checkpoint written by another model or another run configuration."""
+  """A checkpoint written by another model or another run configuration: a mistake in the
+  invocation, so exit status 2."""
+  exit_status = 2
 
 
 class CheckpointSaveError(CheckpointError):
