@@ -214,13 +214,13 @@ def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any
 def load_source(path: str) -> dict[Path, np.ndarray]:
   """Our variables from an export dir (model.json + params/) or a training checkpoint dir
   (<dir>/<step>/state, the newest step; its params, not EMA)."""
-  from structvit_jax import inference
+  from structvit_jax import checkpoint, inference
   if os.path.isfile(os.path.join(path, "model.json")):
     tree = inference.restore_arrays(os.path.join(os.path.abspath(path), "params"))
   else:  # a training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it
     ckdir = os.path.join(path, "checkpoints")
     ckdir = ckdir if os.path.isdir(ckdir) else path
-    steps = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit()) if os.path.isdir(ckdir) else []
+    steps = checkpoint.list_steps(ckdir)
     if not steps:
       raise FileNotFoundError(f"init_from: {path} is neither a file, an export (model.json) "
                               f"nor a checkpoint directory with steps")
