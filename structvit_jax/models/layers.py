@@ -122,7 +122,8 @@ def _tap_view(xp: Array, taps: Array, i: Array, size: Sequence[int],
               strides: Sequence[int]) -> Array:
   """xp[:, m + S * j, ...] for tap m = taps[i] and every output position j."""
   rank = len(strides)
-  start = (0, *(taps[i, a] for a in range(rank)), *(0,) * (xp.ndim - rank - 1))
+  zero = jnp.zeros((), taps.dtype)  # every index one dtype (python ints are int64 under x64)
+  start = (zero, *(taps[i, a] for a in range(rank)), *(zero,) * (xp.ndim - rank - 1))
   view = jax.lax.dynamic_slice(xp, start, (xp.shape[0], *size, *xp.shape[rank + 1:]))
   return view[(slice(None), *(slice(None, None, s) for s in strides))]
 
