@@ -171,12 +171,12 @@ def test_structsa_overrides_change_only_the_fields_they_name():
 def test_flat_structsa_fields_of_old_configs_fold_into_structsa():
   """config.json / model.json written before StructSAConfig hold the fields flat."""
   old = dict(d=8, stride=2, kernel_size=[3, 3, 3], aggregation="element",
-             implementation="reference", structure_init_noise=0.0, attention_impl=None,
+             implementation="reference", structure_init_noise=0.0, attention_impl="xla",
              depthwise_impl="xla", num_classes=5)
   m = get_model("structvit_s_4_1", **old)
   assert m.structsa == StructSAConfig(d=8, stride=2, kernel_size=(3, 3, 3),
                                       aggregation="element", form="reference", init_noise=0.0,
-                                      attention_impl="auto", depthwise_impl="xla")
+                                      attention_impl="xla", depthwise_impl="xla")
   assert m.num_classes == 5
   with pytest.raises(ValueError, match="stride=2 needs D > 0"):
     get_model("uniformer_s", stride=2)

@@ -183,9 +183,9 @@ def test_stride_without_structure_is_an_error():
 
 
 def test_config_from_json_values():
-  """model.json gives kernel_size as a list and old files attention_impl None."""
-  cfg = StructSAConfig(d=2, kernel_size=[1, 3, 3], attention_impl=None)
-  assert cfg.kernel_size == (1, 3, 3) and cfg.attention_impl == "auto"
+  """model.json gives kernel_size as a list."""
+  cfg = StructSAConfig(d=2, kernel_size=[1, 3, 3])
+  assert cfg.kernel_size == (1, 3, 3)
   hash(cfg)  # a flax module field
 
 

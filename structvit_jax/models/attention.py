@@ -93,10 +93,10 @@ def choose_implementation(backend: str, q_shape: Sequence[int], k_shape: Sequenc
     return "xla", "requested 'xla'"
   if requested == "cudnn" and backend != "gpu":
     raise ValueError(f"attention implementation 'cudnn' needs a GPU backend, but the backend is "
-                     f"{backend!r}; use implementation='auto' or 'xla'.")
+                     f"{backend!r}; use attention_impl='auto' or 'xla'.")
   if requested == "pallas_tpu" and backend != "tpu":
     raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU backend, but the backend "
-                     f"is {backend!r}; use implementation='auto' or 'xla' (tests: interpret=True).")
+                     f"is {backend!r}; use attention_impl='auto' or 'xla' (tests: interpret=True).")
   if backend == "gpu":
     why_not = _cudnn_unsupported(q_shape, k_shape, dtype, compute_capability, cuda)
     if why_not is None:
@@ -216,7 +216,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str | No
   """
   if v.shape != k.shape:
     raise ValueError(f"v {v.shape} must have k's shape {k.shape}")
-  backend = jax.default_backend()
+  backend, info = jax.default_backend(), _device_info()
   if interpret:
     if implementation != "pallas_tpu":
       raise ValueError("interpret=True is only for implementation='pallas_tpu'.")
@@ -224,9 +224,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str | No
     err = _shape_error(q.shape, k.shape)
     if err:
       raise ValueError(err)
-    info = _device_info()
   else:
-    info = _device_info()
     impl, reason = choose_implementation(backend, q.shape, k.shape, q.dtype, implementation,
                                          **info)
   _log_once((backend, tuple(q.shape), tuple(k.shape), np.dtype(q.dtype).name, implementation,

@@ -265,8 +265,7 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     fan_in = x.shape[-1] * int(np.prod(self.kernel))
-    padding = self.padding if isinstance(self.padding, str) else list(self.padding)
-    x = torch_conv(self.features, self.kernel, self.strides, padding, fan_in, "proj",
+    x = torch_conv(self.features, self.kernel, self.strides, self.padding, fan_in, "proj",
                    self.dtype, self.param_dtype)(x)
     if self.norm:
       x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,

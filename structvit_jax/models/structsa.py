@@ -75,25 +75,19 @@ class StructSAConfig:
   def __post_init__(self):
     if not isinstance(self.kernel_size, int):  # JSON gives lists; a field must be hashable
       object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
-    if self.attention_impl is None:  # written by the code before StructSAConfig
-      object.__setattr__(self, "attention_impl", "auto")
     kernel = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
-    checks = [
+    switches = (("aggregation", AGGREGATIONS), ("form", FORMS),
+                ("attention_impl", ATTENTION_IMPLS), ("depthwise_impl", layers.DEPTHWISE_IMPLS))
+    for ok, msg in [
         (self.d >= 0, f"D={self.d} must be >= 0 (0 = vanilla SA)"),
         (self.stride >= 1, f"stride={self.stride} must be >= 1"),
         (self.d > 0 or self.stride == 1,
          f"stride={self.stride} needs D > 0: vanilla SA (D = 0) attends the unstrided grid"),
-        (all(k >= 1 and k % 2 for k in kernel), f"kernel size M={self.kernel_size} must be odd "
-                                                f"and positive"),
-    ]
-    for ok, msg in checks:
+        (all(k >= 1 and k % 2 for k in kernel), f"kernel size M={kernel} must be odd, positive"),
+        *((getattr(self, n) in v, f"{n}={getattr(self, n)!r}; valid: {', '.join(v)}")
+          for n, v in switches)]:
       if not ok:
         raise ValueError(f"StructSA: {msg}")
-    for name, valid in (("aggregation", AGGREGATIONS), ("form", FORMS),
-                        ("attention_impl", ATTENTION_IMPLS),
-                        ("depthwise_impl", layers.DEPTHWISE_IMPLS)):
-      if getattr(self, name) not in valid:
-        raise ValueError(f"StructSA: {name}={getattr(self, name)!r}; valid: {', '.join(valid)}")
 
   def replace(self, **changes: Any) -> "StructSAConfig":
     return dataclasses.replace(self, **changes)

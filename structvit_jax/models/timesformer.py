@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
-from structvit_jax.models.attention import dot_product_attention
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 Array = jax.Array
 Dtype = Any
@@ -134,26 +134,6 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
-class Attention(nn.Module):
-  """Plain multi-head attention; `qkv` output features ordered (3, heads, head_dim) as the
-  official Linear(C, 3C), scale head_dim ** -0.5."""
-  num_heads: int
-  qkv_bias: bool = True
-  attention_impl: str = "auto"     # ATTENTION_IMPLS (attention.py), as StructSAConfig's
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, n, c = x.shape
-    dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
-    y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
-    return dense(c, name="proj")(y.reshape(b, n, c))
-
-
 class Block(nn.Module):
   """One TimeSformer block on the stream [B, 1 + H*W*T, C] over the token grid (H, W, T)."""
   num_heads: int
@@ -173,8 +153,10 @@ class Block(nn.Module):
     b, _, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ln = functools.partial(nn.LayerNorm, epsilon=1e-6, **kw)
-    attn = functools.partial(Attention, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                             attention_impl=self.attention_impl, **kw)
+    # Plain multi-head attention over each group: StructSA with D = 0 (`qkv`, `proj` as the
+    # official Linear layers, qkv features ordered (3, heads, head_dim)).
+    attn = functools.partial(StructSA, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                             structsa=StructSAConfig(attention_impl=self.attention_impl), **kw)
     dp = layers.DropPath(self.drop_path, deterministic=not self.train)
     cls, xs = x[:, :1], x[:, 1:].reshape(b, h, w, t, c)
     *pre, (_, split, group_axes) = attention_stages(self.attention_type, h, w, t)
