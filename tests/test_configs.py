@@ -173,8 +173,9 @@ def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
   import numpy as np
   from structvit_jax import inference, train
   c = load("in1k_s.py:d=8,stride=2")
-  c.model.kwargs.depth, c.model.kwargs.embed_dim = (1, 1, 1, 1), (16, 32, 64, 64)
-  c.model.kwargs.head_dim = 32
+  with c.unlocked():
+    c.model.kwargs.depth, c.model.kwargs.embed_dim = (1, 1, 1, 1), (16, 32, 64, 64)
+    c.model.kwargs.head_dim = 32
   kwargs = train.model_kwargs(c, 10)
   model = get_model(c.model.name, **kwargs)
   x = jnp.ones((1, 32, 32, 3))

@@ -86,7 +86,6 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
   (dict, ConfigDict) changes only the fields it names of the preset's StructSAConfig."""
   cls, preset = _lookup(name)
   valid = model_fields(name)
-  overrides = dict(overrides)
   if "structsa" in valid:
     structsa = overrides.pop("structsa", {})
     if not isinstance(structsa, StructSAConfig):

@@ -163,10 +163,6 @@ class StructSA(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
-  @property
-  def d(self) -> int:
-    return self.structsa.d
-
   def _windows(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     if not 1 <= rank <= 3:
       raise ValueError(f"StructSA: token grids of rank 1, 2 or 3 are supported, got rank {rank}")
@@ -197,10 +193,10 @@ class StructSA(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]           # [B, N, heads, hd]
 
     u_k = u_v = None
-    if self.d > 0:
+    if self.structsa.d > 0:
       init = centre_tap_init(self.structsa.init_noise)
-      u_k = self.param("u_k", init, (*window_k, self.d, c), self.param_dtype)
-      u_v = self.param("u_v", init, (*window_v, self.d, c), self.param_dtype)
+      u_k = self.param("u_k", init, (*window_k, self.structsa.d, c), self.param_dtype)
+      u_v = self.param("u_v", init, (*window_v, self.structsa.d, c), self.param_dtype)
 
     if self.structsa.form == "fused":
       y = self._fused(q, k, v, u_k, u_v, grid, n_extra, strides)
@@ -214,7 +210,7 @@ class StructSA(nn.Module):
   # -- fused: attention over N*D convolved keys ---------------------------------------------
   def _fused(self, q, k, v, u_k, u_v, grid, n_extra, strides):
     b, n, h, hd = q.shape
-    if self.d > 0:
+    if self.structsa.d > 0:
       ke, kg = k[:, :n_extra], k[:, n_extra:].reshape(b, *grid, h * hd)
       ve, vg = v[:, :n_extra], v[:, n_extra:].reshape(b, *grid, h * hd)
       # K~, V~: [B, *grid', D, C], flattened so that every (j, d) is one key.
@@ -222,8 +218,8 @@ class StructSA(nn.Module):
       k_t = layers.depthwise_conv(kg, u_k, strides, impl).reshape(b, -1, h, hd)
       v_t = layers.depthwise_conv(vg, u_v, strides, impl).reshape(b, -1, h, hd)
       if n_extra:
-        k = jnp.concatenate([jnp.repeat(ke, self.d, axis=1), k_t], axis=1)
-        v = jnp.concatenate([jnp.repeat(ve, self.d, axis=1), v_t], axis=1)
+        k = jnp.concatenate([jnp.repeat(ke, self.structsa.d, axis=1), k_t], axis=1)
+        v = jnp.concatenate([jnp.repeat(ve, self.structsa.d, axis=1), v_t], axis=1)
       else:
         k, v = k_t, v_t
     if not self.is_mutable_collection("intermediates"):
@@ -232,14 +228,14 @@ class StructSA(nn.Module):
     logits = jnp.einsum("bihc,bjhc->bihj", q * (hd ** -0.5), k,
                         preferred_element_type=_accumulation(q.dtype))
     a = jax.nn.softmax(logits, axis=-1)
-    dd = max(self.d, 1)
+    dd = max(self.structsa.d, 1)
     self._capture(a.reshape(b, n, h, -1, dd), n_extra, grid, strides)
     return jnp.einsum("bihj,bjhc->bihc", a.astype(v.dtype), v)
 
   def _capture(self, a, n_extra, grid, strides):
     """Sows the attention of the grid queries, a: [B, Nq, heads, E + N', D] (D = 1 for SA)."""
     b, _, h, _, dd = a.shape
-    if self.d == 0:  # SA attends the unstrided grid
+    if self.structsa.d == 0:  # SA attends the unstrided grid
       strides = (1,) * len(grid)
     key_grid = tuple(layers.conv_output_size(g, 1, st) for g, st in zip(grid, strides))
     a = jnp.moveaxis(a[:, n_extra:], 2, 1)                       # [B, heads, N, E + N', D]
@@ -255,14 +251,14 @@ class StructSA(nn.Module):
     rank = len(grid)
     acc = _accumulation(q.dtype)  # float32, or float64 under x64
     q = q * (hd ** -0.5)
-    if self.d == 0:
+    if self.structsa.d == 0:
       s = jnp.einsum("bihc,bjhc->bhij", q, k, preferred_element_type=acc)
       a = jax.nn.softmax(s, axis=-1)
       if self.is_mutable_collection("intermediates"):
         self._capture(jnp.moveaxis(a, 1, 2)[..., None], n_extra, grid, strides)
       return jnp.einsum("bhij,bjhc->bihc", a.astype(v.dtype), v)
 
-    dd = self.d
+    dd = self.structsa.d
     kg, vg = k[:, n_extra:], v[:, n_extra:]
     ke, ve = k[:, :n_extra], v[:, :n_extra]
     lhs_spec, rhs_spec, out_spec = layers._layouts(rank)
