@@ -19,12 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from structvit_jax.models.structsa import StructSA
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 
 def layer_memory(grid, channels, heads, d, stride, batch, impl, train, repeats=0) -> dict:
-  m = StructSA(num_heads=heads, d=d, stride=stride, implementation=impl,
-               structure_init_noise=0.02)
+  m = StructSA(num_heads=heads, structsa=StructSAConfig(d=d, stride=stride, form=impl))
   x = jax.ShapeDtypeStruct((batch, *grid, channels), jnp.float32)
   params = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
   fn = (lambda p, x: jax.grad(lambda p: jnp.sum(m.apply(p, x)))(p)) if train else m.apply

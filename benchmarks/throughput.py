@@ -90,7 +90,7 @@ class Case:
   model: str
   frames: int          # 0: images
   image_size: int
-  attention: str       # 'fused' | 'reference' (the model field `implementation`)
+  attention: str       # 'fused' | 'reference' (StructSAConfig.form)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -111,10 +111,10 @@ def make_config(a: argparse.Namespace, case: Case, batch: int):
   c = base.get_base_config()
   c.model.name = case.model
   fields = model_fields(case.model)
-  if "implementation" in fields:
-    c.model.kwargs.implementation = case.attention
+  if "structsa" in fields:
+    c.model.kwargs.structsa = dict(form=case.attention)
   elif case.attention != "fused":
-    raise ValueError(f"{case.model} has no StructSA `implementation` field; "
+    raise ValueError(f"{case.model} has no StructSA (`structsa` field); "
                      f"use --attention=fused for it")
   c.dtype = {"bf16": "bfloat16", "fp32": "float32"}[a.dtype]
   c.remat = a.remat
@@ -374,8 +374,8 @@ def forward_macs(case: Case) -> int | None:
   MFU counts the model's work, not the extra work of the literal reference path."""
   from structvit_jax.models import get_model
   kw = dict(num_classes=num_classes(case))
-  if "implementation" in model_fields(case.model):
-    kw["implementation"] = "fused"
+  if "structsa" in model_fields(case.model):
+    kw["structsa"] = dict(form="fused")
   try:
     return flops_lib.count_model_macs(get_model(case.model, **kw), case.input_shape)["total"]
   except Exception as e:  # informative only: the timing rows still stand

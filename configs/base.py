@@ -12,13 +12,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Model: structvit_jax.models.get_model(c.model.name, **c.model.kwargs).
+  # Model: structvit_jax.models.get_model(c.model.name, **c.model.kwargs). kwargs override
+  # the preset's fields; StructSA models take `structsa` (StructSAConfig's fields, any
+  # subset: configs/common.py structvit_model).
   c.model = ml_collections.ConfigDict()
   c.model.name = "structvit_s_4_1"
   c.model.kwargs = ml_collections.ConfigDict()
 
-  # Data: structvit_jax.data.create_input(c, split=..., ...). Dataset-specific fields live
-  # under c.data (image_size, num_frames, sampling, data_dir, ...).
+  # Data: structvit_jax.data.create_input(c, split=..., ...).
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic_image"
   c.data.data_dir = ""
@@ -28,6 +29,28 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0           # grain worker processes (0: in-process)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
+  c.data.num_classes = 0           # 0: the dataset's own class count (FineGym: 99 or 288)
+  c.data.mean_per_class = False    # eval metric: mean per-class top-1 (FineGym's)
+  # Augmentation (train split).
+  c.data.random_flip = True        # horizontal flip
+  c.data.crop_scale = (0.08, 1.0)  # images: random-resized-crop area range
+  c.data.randaugment = ""          # timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"; "": off
+  c.data.random_erase = 0.0        # random-erasing probability; 0: off
+  c.data.eval_crop_ratio = 0.875   # images, eval: resize to size / ratio, centre crop
+  # Videos: list files `relative/path.mp4 label` in data_dir, sampling and test views.
+  c.data.train_list = ""           # "": <train_split>.csv
+  c.data.eval_list = ""            # "": <eval_split>.csv
+  c.data.sampling = "dense"        # 'dense' (frames at sampling_rate) | 'segment' (TSN)
+  c.data.sampling_rate = 1         # dense sampling stride in frames
+  c.data.scale_jitter = ()         # train: short side in [lo, hi], random crop; (): no jitter
+  c.data.mean = (0.45, 0.45, 0.45)  # clip normalisation (images: ImageNet's)
+  c.data.std = (0.225, 0.225, 0.225)
+  c.data.test_clips = 1            # eval views: clips x crops, scores averaged
+  c.data.test_crops = 1
+  # Synthetic datasets (synthetic_image, synthetic_video).
+  c.data.train_examples = 4096
+  c.data.eval_examples = 1024
+  c.data.generator_seed = 0        # the dataset itself; c.seed drives training
 
   # Optimisation (DeiT recipe by default).
   c.batch_size = 1024              # global, over all processes and devices

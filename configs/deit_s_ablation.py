@@ -13,15 +13,15 @@ import ml_collections
 
 from structvit_jax import config_utils
 
-in1k_s = config_utils.import_sibling(__file__, "in1k_s")
+common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, d=4, m=3, aggregation="context")
-  c = in1k_s.imagenet_config(
-      "s", config_utils.parse_arg(None, d=a.d, stride=1, kernel_size=a.m,
-                                  aggregation=a.aggregation, implementation="fused"))
+  c = common.imagenet_config()
   c.model.name = "deit_s"
-  c.model.kwargs = ml_collections.ConfigDict(dict(
-      num_classes=1000, drop_path_rate=0.1, d=a.d, kernel_size=a.m, aggregation=a.aggregation))
+  c.model.kwargs.num_classes = 1000
+  c.model.kwargs.drop_path_rate = 0.1
+  c.model.kwargs.structsa = ml_collections.ConfigDict(
+      dict(d=a.d, kernel_size=a.m, aggregation=a.aggregation))
   return c

@@ -5,22 +5,20 @@
       --config.init_from.checkpoint=/tmp/k400_b/checkpoints
 
 Variants: classes (288 | 99: picks the label set and list files), d, stride, kernel_size,
-aggregation, implementation, frames.
+aggregation, form, frames.
 Metric: mean per-class top-1. Expected (paper): B-4-1 Gym288 54.2, Gym99 89.5.
 """
 
 from structvit_jax import config_utils
 
-ssv2_s = config_utils.import_sibling(__file__, "ssv2_s")
+common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = config_utils.parse_arg(arg, classes=288, d=4, stride=1, kernel_size=3,
-                             aggregation="context", implementation="fused", frames=16)
+  a = common.structsa_arg(arg, classes=288, frames=16)
   if a.classes not in (99, 288):
     raise ValueError(f"finegym_b: classes must be 99 or 288, got {a.classes}")
-  c = ssv2_s.segment_config("b", a, name="finegym", num_classes=a.classes,
-                            drop_path=ssv2_s.SSV2_DROP_PATH["b"])
+  c = common.segment_config("b", a, name="finegym", num_classes=a.classes)
   c.data.train_split = f"gym{a.classes}_train"
   c.data.eval_split = f"gym{a.classes}_val"
   c.data.train_list = f"gym{a.classes}_train.csv"

@@ -3,17 +3,18 @@
   python -m structvit_jax.main --config=configs/in1k_b.py --workdir=/tmp/in1k_b \
       --config.data.data_dir=/data/tfds
 
-Variants as in1k_s.py (d, stride, kernel_size, aggregation, implementation), e.g.
+Variants as in1k_s.py (d, stride, kernel_size, aggregation, form), e.g.
 `configs/in1k_b.py:d=4,stride=2` = StructViT-B-4-2.
 Expected top-1 (paper, 224px): B-4-1 84.2, B-4-2 84.0, B-8-1 84.3, UniFormer-B (d=0) 83.8.
 """
 
 from structvit_jax import config_utils
 
-in1k_s = config_utils.import_sibling(__file__, "in1k_s")
+common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = config_utils.parse_arg(arg, d=4, stride=1, kernel_size=3, aggregation="context",
-                             implementation="fused")
-  return in1k_s.imagenet_config("b", a)
+  a = common.structsa_arg(arg)
+  c = common.imagenet_config()
+  common.structvit_model(c, "b", a, 1000, common.IMAGENET_DROP_PATH["b"])
+  return c

@@ -3,7 +3,7 @@
   python -m structvit_jax.main --config=configs/in1k_l.py --workdir=/tmp/in1k_l \
       --config.data.data_dir=/data/tfds
 
-Variants as in1k_s.py (d, stride, kernel_size, aggregation, implementation).
+Variants as in1k_s.py (d, stride, kernel_size, aggregation, form).
 Expected top-1 (paper): 86.0 for StructViT-L-4-1 and 85.6 for UniFormer-L, both trained with
 token labeling (the paper's "stronger setup"). Token-labeling targets are not part of this
 recipe (the model keeps its aux head and the TL evaluation rule), so a plain DeiT-recipe run
@@ -12,10 +12,11 @@ is expected to land below those numbers.
 
 from structvit_jax import config_utils
 
-in1k_s = config_utils.import_sibling(__file__, "in1k_s")
+common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = config_utils.parse_arg(arg, d=4, stride=1, kernel_size=3, aggregation="context",
-                             implementation="fused")
-  return in1k_s.imagenet_config("l", a)
+  a = common.structsa_arg(arg)
+  c = common.imagenet_config()
+  common.structvit_model(c, "l", a, 1000, common.IMAGENET_DROP_PATH["l"])
+  return c

@@ -13,12 +13,12 @@ joint 58.5, L+G 56.3, axial 56.2). The solver is the K400 one (k400_timesformer.
 
 from structvit_jax import config_utils
 
-k400_timesformer = config_utils.import_sibling(__file__, "k400_timesformer")
+common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, attention="divided_space_time")
-  c = k400_timesformer.timesformer_config(a, name="ssv2", num_classes=174)
+  c = common.timesformer_config(a, name="ssv2", num_classes=174)
   c.data.sampling = "segment"      # one frame per segment (random in train, centre in test)
   c.data.sampling_rate = 0         # unused by segment sampling
   c.data.random_flip = False       # left/right matter in the labels

@@ -1,4 +1,4 @@
-"""Multiply-add counts as the paper reports FLOPs (fvcore convention, ../shared/PEER_MODELS.md §4).
+"""Multiply-add counts as the paper reports FLOPs (fvcore convention, docs/flops.md).
 
 We walk the jaxpr of a function and count one MAC per multiply-add of every `dot_general`
 (linear layers, q K^T, A V) and `conv_general_dilated` (full window per output element,
@@ -8,7 +8,7 @@ fvcore; fvcore also counts LayerNorm / BatchNorm, which adds ~0.3% (0.012 of Uni
 shapes, so a 16x224x224 video model counts in a second.
 
 Depthwise convolutions are counted in their convolution form: the counter traces with
-`depthwise_impl='xla'` semantics regardless of the backend (`count_model_macs` does that),
+`StructSAConfig.depthwise_impl='xla'` semantics regardless of the backend (`count_model_macs` does that),
 because the shift-add formulation used on CPU is the same arithmetic spelt as
 multiplies and adds.
 """
@@ -93,8 +93,8 @@ def count_model_macs(model, input_shape, batch_size: int = 1) -> dict[str, int]:
 
   Depthwise convolutions are traced in their conv form (see module docstring)."""
   import jax.numpy as jnp
-  if hasattr(model, "depthwise_impl"):
-    model = model.clone(depthwise_impl="xla")
+  if hasattr(model, "structsa"):
+    model = model.clone(structsa=model.structsa.replace(depthwise_impl="xla"))
   x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
   return count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)

@@ -50,16 +50,10 @@ def create_input(config, split, local_batch_size, seed):
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-  """The get_model overrides of config's model (JSON-serialisable: dtype as a string)."""
-  from structvit_jax.models import model_fields
-  kwargs = config.model.kwargs.to_dict()
-  fields = model_fields(config.model.name)
-  kwargs["num_classes"] = num_classes
-  if "dtype" in fields:
-    kwargs["dtype"] = config.dtype
-  if config.remat or "remat" in fields:
-    kwargs["remat"] = config.remat
-  return kwargs
+  """The get_model overrides of config's model (JSON-serialisable: dtype as a string); every
+  zoo model has `dtype` and `remat` fields."""
+  return {**config.model.kwargs.to_dict(), "num_classes": num_classes, "dtype": config.dtype,
+          "remat": config.remat}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -4,6 +4,7 @@ model with jax.eval_shape (no compile)."""
 
 import glob
 import os
+import re
 
 from absl import flags
 import jax
@@ -17,12 +18,12 @@ from structvit_jax.models import get_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                 if not p.endswith("base.py"))
+                 if os.path.basename(p) not in ("base.py", "common.py"))
 # A variant string per recipe, exercising its keys.
 VARIANTS = {
     "in1k_s": "d=8,stride=1", "in1k_b": "d=4,stride=2", "in1k_l": "d=0",
     "k400_s": "d=4,stride=2,frames=8", "k400_b": "d=0", "ssv2_s": "aggregation=element",
-    "ssv2_b": "kernel_size=3,frames=16", "diving48_b": "implementation=reference",
+    "ssv2_b": "kernel_size=3,frames=16", "diving48_b": "form=reference",
     "finegym_b": "classes=99", "deit_s_ablation": "d=8,m=5,aggregation=element",
     "demo": "image_size=48,epochs=1", "demo_video": "frames=4,image_size=32",
     "k400_timesformer": "attention=joint_space_time", "ssv2_timesformer": "attention=axial",
@@ -62,11 +63,11 @@ def test_recipe_loads_and_builds_its_model(name):
 
 
 def test_variants_change_what_they_say():
-  assert load("in1k_s.py:d=8,stride=1").model.kwargs.d == 8
+  assert load("in1k_s.py:d=8,stride=1").model.kwargs.structsa.d == 8
   assert load("in1k_s.py:d=0").model.name == "uniformer_s"
   c = load("deit_s_ablation.py:d=2,m=7,aggregation=element")
-  assert (c.model.kwargs.d, c.model.kwargs.kernel_size, c.model.kwargs.aggregation) == (
-      2, 7, "element")
+  ssa = c.model.kwargs.structsa
+  assert (ssa.d, ssa.kernel_size, ssa.aggregation) == (2, 7, "element")
   c = load("finegym_b.py:classes=99")
   assert c.model.kwargs.num_classes == 99 and "99" in c.data.train_split
   assert load("k400_s.py:frames=8").data.num_frames == 8
@@ -135,9 +136,9 @@ def _parse_command_line(*args):
 def test_command_line_overrides_on_a_locked_config():
   path = os.path.join(CONFIG_DIR, "in1k_s.py")
   c = _parse_command_line(f"--config={path}:d=8", "--config.batch_size=256",
-                          "--config.data.data_dir=/data", "--config.model.kwargs.stride=2")
-  assert (c.batch_size, c.data.data_dir, c.model.kwargs.d, c.model.kwargs.stride) == (
-      256, "/data", 8, 2)
+                          "--config.data.data_dir=/data", "--config.model.kwargs.structsa.stride=2")
+  assert (c.batch_size, c.data.data_dir, c.model.kwargs.structsa.d,
+          c.model.kwargs.structsa.stride) == (256, "/data", 8, 2)
   with pytest.raises(AttributeError, match="batch_size"):  # a typo: error, not a new field
     _parse_command_line(f"--config={path}", "--config.batch_sise=8")
 
@@ -155,3 +156,49 @@ def test_real_dataset_recipes_fail_fast(name):
   c = load(f"{name}.py")
   with pytest.raises(DatasetNotFoundError, match=c.data.name):
     create_input(c, "train", 8)
+
+
+def test_recipes_import_only_base_and_common():
+  """One level above base.py: shared recipe logic lives in configs/common.py."""
+  for name in RECIPES + ["common"]:
+    src = open(os.path.join(CONFIG_DIR, f"{name}.py")).read()
+    siblings = set(re.findall(r'import_sibling\(__file__, "(\w+)"\)', src))
+    assert siblings <= ({"base"} if name == "common" else {"base", "common"}), (name, siblings)
+
+
+def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
+  """in1k_s.py:d=8,stride=2 is no preset: model.json must still say D = 8, S = 2 and load
+  as that model (a tiny-width copy, so that the export is small)."""
+  import json
+  import numpy as np
+  from structvit_jax import inference, train
+  c = load("in1k_s.py:d=8,stride=2")
+  with c.unlocked():
+    c.model.kwargs.depth, c.model.kwargs.embed_dim = (1, 1, 1, 1), (16, 32, 64, 64)
+    c.model.kwargs.head_dim = 32
+  kwargs = train.model_kwargs(c, 10)
+  model = get_model(c.model.name, **kwargs)
+  x = jnp.ones((1, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  spec = dict(kind="image", image_size=32, num_frames=0, mean=[0.5] * 3, std=[0.5] * 3)
+  inference.save_export(str(tmp_path), c.model.name, kwargs, variables, spec)
+  meta = json.loads((tmp_path / "model.json").read_text())
+  assert (meta["kwargs"]["structsa"]["d"], meta["kwargs"]["structsa"]["stride"]) == (8, 2)
+  predictor = inference.load(str(tmp_path))
+  loaded = predictor.model
+  assert (loaded.structsa.d, loaded.structsa.stride) == (8, 2)
+  assert predictor.variables["params"]["blocks3_0"]["attn"]["u_k"].shape == (3, 3, 8, 64)
+  np.testing.assert_allclose(loaded.apply(predictor.variables, x), model.apply(variables, x),
+                             atol=1e-6)
+
+
+def test_old_config_json_with_flat_structsa_fields_builds_its_variant():
+  """A workdir's config.json from before StructSAConfig holds model.kwargs.d, .stride, ..."""
+  import ml_collections
+  from structvit_jax import train
+  old = load("in1k_s.py").to_dict()
+  old["model"]["kwargs"] = dict(num_classes=1000, drop_path_rate=0.1, d=8, stride=2,
+                                kernel_size=3, aggregation="element", implementation="reference")
+  model = train.build_model(ml_collections.ConfigDict(old), 1000)
+  assert (model.structsa.d, model.structsa.stride, model.structsa.aggregation,
+          model.structsa.form) == (8, 2, "element", "reference")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from structvit_jax import convert, weights
-from structvit_jax.models import get_model, uniformer as uf, timesformer as tsf
+from structvit_jax.models import get_model, layers, uniformer as uf
 from structvit_jax.models import structsa_weights, timesformer_weights
 
 try:
@@ -288,7 +288,7 @@ def test_layer_numerics():
   tol = dict(rtol=1e-4, atol=1e-5)
 
   # conv + LayerNorm(eps 1e-5): patch_embed1
-  ours = uf.PatchEmbed(16, (4, 4), (4, 4), [(0, 0)] * 2).apply(
+  ours = layers.PatchEmbed(16, (4, 4), (4, 4), [(0, 0)] * 2, norm=True).apply(
       {"params": p["patch_embed1"]}, x)
   ref = np_conv(nchw(x), sd["patch_embed1.proj.weight"], sd["patch_embed1.proj.bias"], 4)
   ref = np_ln(ref.transpose(0, 2, 3, 1), sd["patch_embed1.norm.weight"],
@@ -311,7 +311,7 @@ def test_layer_numerics():
   h = rng.standard_normal((2, 4, 4, 64)).astype(np.float32)
   b = "blocks3.0."
   for heads in (1, 2):
-    ours = uf.SABlock(num_heads=heads, attn=dict(d=0)).apply({"params": p["blocks3_0"]}, h)
+    ours = uf.SABlock(num_heads=heads).apply({"params": p["blocks3_0"]}, h)
     z = nchw(h)
     z = z + np_conv(z, sd[b + "pos_embed.weight"], sd[b + "pos_embed.bias"], 1, 1, 64)
     tok = z.reshape(2, 64, 16).transpose(0, 2, 1)                       # (B, N, C) row-major
@@ -331,7 +331,7 @@ def test_video_and_timesformer_conv_numerics():
   sd = uniformer_sd(video=True)
   _, v, _ = _convert(sd, "uniformer_s", overrides=TINY)
   x = np.random.default_rng(0).standard_normal((1, 4, 16, 16, 3)).astype(np.float32)
-  ours = uf.PatchEmbed(16, (3, 4, 4), (2, 4, 4), [(1, 1), (0, 0), (0, 0)]).apply(
+  ours = layers.PatchEmbed(16, (3, 4, 4), (2, 4, 4), [(1, 1), (0, 0), (0, 0)], norm=True).apply(
       {"params": v["params"]["patch_embed1"]}, x)
   ref = np_conv(x.transpose(0, 4, 1, 2, 3).astype(np.float64), sd["patch_embed1.proj.weight"],
                 sd["patch_embed1.proj.bias"], (2, 4, 4), (1, 0, 0))
@@ -342,7 +342,7 @@ def test_video_and_timesformer_conv_numerics():
   sd = weights.unwrap(timesformer_sd())
   _, v, _ = _convert(timesformer_sd(), "timesformer_tiny")
   img = x[:, 0]
-  ours = tsf.PatchEmbed(8, 32).apply({"params": v["params"]["patch_embed"]}, img)
+  ours = layers.PatchEmbed(32, (8, 8), (8, 8)).apply({"params": v["params"]["patch_embed"]}, img)
   ref = np_conv(img.transpose(0, 3, 1, 2).astype(np.float64), sd["patch_embed.proj.weight"],
                 sd["patch_embed.proj.bias"], 8)
   np.testing.assert_allclose(ours, ref.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
@@ -523,7 +523,7 @@ def test_inflated_model_on_identical_frames(mode, tol):
 def test_structvit_image_to_video_inflates_structure_kernels():
   """U^K / U^V windows inflate like conv kernels: centre inflation of a (noisy, non-identity)
   image StructViT gives its logits on a clip of identical frames."""
-  model = get_model("structvit_tiny", structure_init_noise=0.3)
+  model = get_model("structvit_tiny", structsa=dict(init_noise=0.3))
   x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 32, 32, 3)), jnp.float32)
   v_img = model.init(jax.random.PRNGKey(0), x)
   clip = jnp.repeat(x[:, None], 4, axis=1)

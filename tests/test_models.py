@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from structvit_jax import flops
-from structvit_jax.models import get_model, list_models
+from structvit_jax.models import StructSAConfig, get_model, list_models
 from structvit_jax.tools.model_stats import model_stats
 
 IMAGE, VIDEO = (224, 224, 3), (16, 224, 224, 3)
@@ -69,7 +69,7 @@ def test_macs_counter_counts_matmul_and_conv_exactly():
 def tiny():
   """structvit_tiny with exact centre-tap init and uniformer_tiny sharing its weights."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  ssa = get_model("structvit_tiny", structure_init_noise=0.0)
+  ssa = get_model("structvit_tiny", structsa=dict(init_noise=0.0))
   uni = get_model("uniformer_tiny")
   v = jax.jit(lambda x: ssa.init(jax.random.PRNGKey(1), x))(x)
   return ssa, uni, v, x
@@ -143,7 +143,7 @@ def test_bf16_compute_keeps_fp32_params():
 def test_deit_structsa_variants_run():
   x = jnp.ones((1, 32, 32, 3))
   for kw in [dict(d=0), dict(d=1), dict(d=2, aggregation="element"), dict(d=2, kernel_size=5)]:
-    m = get_model("deit_tiny", **kw)
+    m = get_model("deit_tiny", structsa=kw)
     v = jax.jit(lambda x: m.init(jax.random.PRNGKey(0), x))(x)
     assert jax.jit(m.apply)(v, x).shape == (1, 10)
 
@@ -157,6 +157,31 @@ def test_unknown_names_and_fields_are_clear_errors():
     get_model("structvit_s_4_1", dtype="float8")
   with pytest.raises(ValueError, match="image-only"):
     get_model("uniformer_s_plus").init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 32, 32, 3)))
+
+
+def test_structsa_overrides_change_only_the_fields_they_name():
+  m = get_model("structvit_s_4_2", structsa=dict(d=8))
+  assert m.structsa == StructSAConfig(d=8, stride=2)
+  cfg = StructSAConfig(d=1, aggregation="element")
+  assert get_model("deit_s", structsa=cfg).structsa is cfg
+  assert get_model("uniformer_s").structsa == StructSAConfig()  # D = 0: UniFormer
+  assert get_model("structvit_s_8_1").structsa.init_noise == 0.02
+
+
+def test_flat_structsa_fields_of_old_configs_fold_into_structsa():
+  """config.json / model.json written before StructSAConfig hold the fields flat."""
+  old = dict(d=8, stride=2, kernel_size=[3, 3, 3], aggregation="element",
+             implementation="reference", structure_init_noise=0.0, attention_impl="xla",
+             depthwise_impl="xla", num_classes=5)
+  m = get_model("structvit_s_4_1", **old)
+  assert m.structsa == StructSAConfig(d=8, stride=2, kernel_size=(3, 3, 3),
+                                      aggregation="element", form="reference", init_noise=0.0,
+                                      attention_impl="xla", depthwise_impl="xla")
+  assert m.num_classes == 5
+  with pytest.raises(ValueError, match="stride=2 needs D > 0"):
+    get_model("uniformer_s", stride=2)
+  with pytest.raises(ValueError, match="unknown field.*'d'"):
+    get_model("timesformer_tiny", d=4)  # no StructSA in TimeSformer
 
 
 def test_model_stats_cli_json():

@@ -1,6 +1,9 @@
 """StructSA: fused == reference == the equations; identity init == SA; memory of the fused path."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +11,17 @@ import numpy as np
 import pytest
 
 from structvit_jax.models import layers
-from structvit_jax.models.structsa import StructSA
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 C, HEADS = 16, 2
 
 
 def _module(**kw):
-  return StructSA(num_heads=HEADS, structure_init_noise=0.5, **kw)
+  return StructSA(num_heads=HEADS, structsa=StructSAConfig(init_noise=0.5, **kw))
+
+
+def _form(m, form):
+  return m.clone(structsa=m.structsa.replace(form=form))
 
 
 def _init(m, x, extra=None, seed=0):
@@ -95,7 +102,7 @@ def test_fused_equals_reference_values_and_grads(grid, d, stride, agg):
   params = _init(m, x, e)
 
   def loss(impl, params, x):
-    out = m.clone(implementation=impl).apply(params, x, e)
+    out = _form(m, impl).apply(params, x, e)
     y = out[0] if e is not None else out
     return jnp.sum(jnp.sin(y)) + (jnp.sum(out[1] ** 2) if e is not None else 0.0), out
 
@@ -117,7 +124,7 @@ def test_both_implementations_match_the_equations(grid, d, stride, agg, extra):
   params = _init(m, x, e)
   want_grid, want_extra = numpy_structsa(params, x, e, d, stride, agg)
   for impl in ("fused", "reference"):
-    out = jax.jit(m.clone(implementation=impl).apply)(params, x, e)
+    out = jax.jit(_form(m, impl).apply)(params, x, e)
     got_grid, got_extra = (out if e is not None else (out, np.zeros_like(want_extra)))
     np.testing.assert_allclose(got_grid, want_grid, atol=2e-5, err_msg=impl)
     np.testing.assert_allclose(got_extra, want_extra, atol=2e-5, err_msg=impl)
@@ -127,8 +134,8 @@ def test_both_implementations_match_the_equations(grid, d, stride, agg, extra):
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_centre_tap_init_equals_sa(grid, extra, impl):
   x, e = _inputs(grid, extra)
-  sa = StructSA(num_heads=HEADS, d=0, implementation=impl)
-  ssa = StructSA(num_heads=HEADS, d=4, structure_init_noise=0.0, implementation=impl)
+  sa = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=0, form=impl))
+  ssa = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=4, init_noise=0.0, form=impl))
   p_sa = _init(sa, x, e)
   p_ssa = ssa.init(jax.random.PRNGKey(9), x, e)
   u = p_ssa["params"]
@@ -141,7 +148,7 @@ def test_centre_tap_init_equals_sa(grid, extra, impl):
 
 def test_sa_matches_plain_softmax_attention():
   x, _ = _inputs((4, 4), 0)
-  m = StructSA(num_heads=HEADS, d=0)
+  m = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=0))
   p = _init(m, x)
   y = m.apply(p, x)
   want, _ = numpy_structsa(p, x, None, 0, 1, "context")
@@ -150,12 +157,73 @@ def test_sa_matches_plain_softmax_attention():
 
 @pytest.mark.parametrize("bad,msg", [(dict(aggregation="nope"), "aggregation"),
                                      (dict(kernel_size=4), "odd"), (dict(d=-1), "D=-1"),
-                                     (dict(implementation="x"), "implementation"),
+                                     (dict(form="x"), "form"),
+                                     (dict(attention_impl="flash"), "attention_impl"),
+                                     (dict(depthwise_impl="fft"), "depthwise_impl"),
                                      (dict(stride=0), "stride")])
 def test_invalid_configurations_raise_clear_errors(bad, msg):
   x, _ = _inputs((4, 4), 0)
   with pytest.raises(ValueError, match=msg):
-    StructSA(num_heads=HEADS, **{"d": 2, **bad}).init(jax.random.PRNGKey(0), x)
+    StructSA(num_heads=HEADS, structsa=StructSAConfig(**{"d": 2, **bad})).init(
+        jax.random.PRNGKey(0), x)
+
+
+def test_invalid_values_are_listed_with_the_valid_ones():
+  with pytest.raises(ValueError, match="form='x'; valid: fused, reference"):
+    StructSAConfig(form="x")
+  with pytest.raises(ValueError, match="valid: auto, xla, cudnn, pallas_tpu"):
+    StructSAConfig(attention_impl="flash")
+
+
+def test_stride_without_structure_is_an_error():
+  """SA (D = 0) attends the unstrided grid, so a stride there would be silently ignored."""
+  with pytest.raises(ValueError, match="stride=2 needs D > 0"):
+    StructSAConfig(d=0, stride=2)
+  assert StructSAConfig(d=1, stride=2).stride == 2
+
+
+def test_config_from_json_values():
+  """model.json gives kernel_size as a list."""
+  cfg = StructSAConfig(d=2, kernel_size=[1, 3, 3])
+  assert cfg.kernel_size == (1, 3, 3)
+  hash(cfg)  # a flax module field
+
+
+_X64 = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np
+from structvit_jax.models.structsa import StructSA, StructSAConfig
+rng = np.random.RandomState(0)
+for grid, extra in (((5, 6), 1), ((3, 4, 4), 0)):
+  x = rng.randn(2, *grid, 16)
+  e = rng.randn(2, extra, 16) if extra else None
+  as_ = lambda a, t: None if a is None else jnp.asarray(a, t)
+  for dw in ("shift", "xla"):
+    for form in ("fused", "reference"):
+      m = StructSA(2, StructSAConfig(d=3, stride=2, init_noise=0.5, form=form, depthwise_impl=dw))
+      v = m.init(jax.random.PRNGKey(0), as_(x, jnp.float32), as_(e, jnp.float32))
+      v = jax.tree.map(lambda p: p * 5.0 if p.ndim == 2 else p, v)  # qkv, proj: O(1) outputs
+      y32 = jax.tree.leaves(m.apply(v, as_(x, jnp.float32), as_(e, jnp.float32)))
+      y64 = jax.tree.leaves(m.apply(v, as_(x, jnp.float64), as_(e, jnp.float64)))
+      assert all(a.dtype == jnp.float64 for a in y64), form
+      assert max(float(np.abs(a).max()) for a in y64) > 0.1
+      for a, b in zip(y32, y64):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{form} {dw}")
+      g = jax.grad(lambda v: sum(jnp.sum(y) for y in jax.tree.leaves(
+          m.apply(v, as_(x, jnp.float64), as_(e, jnp.float64)))))(v)
+      assert all(np.isfinite(l).all() for l in jax.tree.leaves(g))
+print("ok")
+"""
+
+
+def test_both_forms_run_in_x64_and_match_float32():
+  """Under jax_enable_x64 (in a subprocess: the flag is global), float64 inputs give the
+  float32 results of both forms and both depthwise formulations, and gradients."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _X64], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_depthwise_formulations_agree_with_numpy():
@@ -203,9 +271,9 @@ def test_fused_builds_nothing_larger_than_the_scores():
   n = int(np.prod(grid))
   scores = b * heads * n * n * d
   for stride in (1, 2):
-    m = StructSA(num_heads=heads, d=d, stride=stride)
+    m = StructSA(num_heads=heads, structsa=StructSAConfig(d=d, stride=stride))
     p = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
     fused = _max_intermediate(lambda p, x: m.apply(p, x), p, x)
     assert fused <= scores
-    ref = _max_intermediate(lambda p, x: m.clone(implementation="reference").apply(p, x), p, x)
+    ref = _max_intermediate(lambda p, x: _form(m, "reference").apply(p, x), p, x)
     assert ref >= b * n * n * c // stride ** 2  # the literal form builds N x N x C correlations

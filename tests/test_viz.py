@@ -10,7 +10,7 @@ from PIL import Image
 
 from structvit_jax import viz, visualize
 from structvit_jax.data import synthetic
-from structvit_jax.models import StructSA, get_model
+from structvit_jax.models import StructSA, StructSAConfig, get_model
 
 
 FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
@@ -29,7 +29,7 @@ def image_captures():
   v = jax.jit(m.init)(jax.random.key(0), x)
   plain = jax.jit(lambda v, x: m.apply(v, x))(v, x)
   out_f, caps_f = viz.capture(m, v, x)
-  out_r, caps_r = viz.capture(m.clone(implementation="reference"), v, x)
+  out_r, caps_r = viz.capture(m.clone(structsa=m.structsa.replace(form="reference")), v, x)
   return dict(x=x, plain=plain, fused=(out_f, caps_f), reference=(out_r, caps_r))
 
 
@@ -72,7 +72,7 @@ def test_dynamic_kernels_scatter_to_the_final_attention(image_captures):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_strided_structsa_kernels_scatter_onto_the_value_grid(stride):
-  layer = StructSA(num_heads=2, d=3, stride=stride, structure_init_noise=0.5)
+  layer = StructSA(num_heads=2, structsa=StructSAConfig(d=3, stride=stride, init_noise=0.5))
   x = jax.random.normal(jax.random.key(1), (1, 5, 6, 8))
   v = layer.init(jax.random.key(2), x)
   _, caps = viz.capture(layer, v, x, apply_kwargs={})

@@ -1,4 +1,4 @@
-"""The model zoo: `get_model(name, **overrides)` over named presets (DESIGN §2)."""
+"""The model zoo: `get_model(name, **overrides)` over named presets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from structvit_jax.models.deit import DeiT
-from structvit_jax.models.structsa import StructSA, centre_tap_init
+from structvit_jax.models.structsa import StructSA, StructSAConfig, centre_tap_init
 from structvit_jax.models.timesformer import TimeSformer
 from structvit_jax.models.uniformer import UniFormer
+
 
 _S = dict(depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), drop_path_rate=0.1)
 _B = dict(depth=(5, 8, 20, 7), embed_dim=(64, 128, 320, 512), drop_path_rate=0.3)
@@ -25,13 +26,13 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "uniformer_b": (UniFormer, _B),
     "uniformer_b_ls": (UniFormer, dict(_B, layer_scale="sa")),
     "uniformer_l": (UniFormer, _L),
-    "structvit_s_4_2": (UniFormer, dict(_S, d=4, stride=2)),
-    "structvit_s_4_1": (UniFormer, dict(_S, d=4, stride=1)),
-    "structvit_s_8_1": (UniFormer, dict(_S, d=8, stride=1)),
-    "structvit_b_4_2": (UniFormer, dict(_B, d=4, stride=2)),
-    "structvit_b_4_1": (UniFormer, dict(_B, d=4, stride=1)),
-    "structvit_b_8_1": (UniFormer, dict(_B, d=8, stride=1)),
-    "structvit_l_4_1": (UniFormer, dict(_L, d=4, stride=1)),
+    "structvit_s_4_2": (UniFormer, dict(_S, structsa=StructSAConfig(d=4, stride=2))),
+    "structvit_s_4_1": (UniFormer, dict(_S, structsa=StructSAConfig(d=4, stride=1))),
+    "structvit_s_8_1": (UniFormer, dict(_S, structsa=StructSAConfig(d=8, stride=1))),
+    "structvit_b_4_2": (UniFormer, dict(_B, structsa=StructSAConfig(d=4, stride=2))),
+    "structvit_b_4_1": (UniFormer, dict(_B, structsa=StructSAConfig(d=4, stride=1))),
+    "structvit_b_8_1": (UniFormer, dict(_B, structsa=StructSAConfig(d=8, stride=1))),
+    "structvit_l_4_1": (UniFormer, dict(_L, structsa=StructSAConfig(d=4, stride=1))),
     "deit_s": (DeiT, dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1)),
     # TimeSformer ViT-B/16 (divided space-time by default; attention_type= picks the scheme)
     # at the official input settings: 8x224, HR 16x448, L 96x224 (pos/time embed grids).
@@ -40,8 +41,8 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "timesformer_b_l": (TimeSformer, dict(num_frames=96, img_size=224)),
     # Tiny presets for tests and demos (a few hundred thousand parameters).
     "structvit_tiny": (UniFormer, dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64),
-                                       head_dim=32, d=2, stride=1, drop_path_rate=0.0,
-                                       num_classes=10)),
+                                       head_dim=32, structsa=StructSAConfig(d=2, stride=1),
+                                       drop_path_rate=0.0, num_classes=10)),
     "uniformer_tiny": (UniFormer, dict(depth=(1, 1, 1, 1), embed_dim=(16, 32, 64, 64),
                                        head_dim=32, drop_path_rate=0.0, num_classes=10)),
     "deit_tiny": (DeiT, dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
@@ -71,12 +72,29 @@ def _lookup(name: str):
   return PRESETS[name]
 
 
+# The StructSA model fields before StructSAConfig -> its field names. Old config.json and
+# model.json files, and `--set d=8` on the command line, give them flat; get_model folds
+# them into `structsa`.
+_FLAT_STRUCTSA = {"implementation": "form", "structure_init_noise": "init_noise", **{k: k for k in (
+    "d", "kernel_size", "stride", "aggregation", "attention_impl", "depthwise_impl")}}
+
+
 def get_model(name: str, **overrides: Any) -> nn.Module:
   """Builds preset `name` with some fields overridden, e.g.
   get_model('structvit_s_4_1', num_classes=400, dtype=jnp.bfloat16, remat=True) or
-  get_model('deit_s', d=4, kernel_size=3, aggregation='element')."""
+  get_model('deit_s', structsa=dict(d=4, aggregation='element')). A `structsa` mapping
+  (dict, ConfigDict) changes only the fields it names of the preset's StructSAConfig."""
   cls, preset = _lookup(name)
   valid = model_fields(name)
+  if "structsa" in valid:
+    structsa = overrides.pop("structsa", {})
+    if not isinstance(structsa, StructSAConfig):
+      structsa = dict(structsa.to_dict() if hasattr(structsa, "to_dict") else structsa)
+      for old, new in _FLAT_STRUCTSA.items():
+        if old in overrides:
+          structsa.setdefault(new, overrides.pop(old))
+      structsa = preset.get("structsa", StructSAConfig()).replace(**structsa)
+    overrides["structsa"] = structsa
   unknown = sorted(set(overrides) - set(valid))
   if unknown:
     raise ValueError(f"{name}: unknown field(s) {unknown}; valid fields: {', '.join(valid)}")
@@ -91,5 +109,6 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["DeiT", "PRESETS", "StructSA", "TimeSformer", "UniFormer", "centre_tap_init",
+__all__ = ["DeiT", "PRESETS", "StructSA", "StructSAConfig", "TimeSformer", "UniFormer",
+           "centre_tap_init",
            "get_model", "list_models", "model_fields"]

@@ -14,9 +14,9 @@ The choice is the pure function `choose_implementation` (testable for any backen
 `dot_product_attention` logs it once per distinct (backend, shapes, dtype, request) at
 trace time, never per step.
 
-Constraints, from the jax 0.10.2 sources (jax/_src/cudnn/fused_attention_stablehlo.py
+Constraints, from the jax sources (jax/_src/cudnn/fused_attention_stablehlo.py
 check_layout / check_is_flash_attention, jax/experimental/pallas/ops/tpu/flash_attention.py
-_verify_block and its kernels):
+_verify_block and its kernels; docs/platform_notes.md):
   cuDNN: q/k/v dtype fp16 or bf16 (fp32 raises NotImplementedError); q and k head dims
     equal; head_dim % 8 == 0 and <= 256 on compute capability >= 9.0, <= 128 before; no
     sequence-length constraint without bias; the sequence and head_dim axes must not be
@@ -43,7 +43,8 @@ import numpy as np
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu")
+# The attention kernel switch (StructSAConfig.attention_impl, TimeSformer.attention_impl).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
 
 # Pallas TPU flash attention: every block 128 (jax's BlockSizes.get_default); sequences
 # are padded to multiples of this.
@@ -85,17 +86,17 @@ def choose_implementation(backend: str, q_shape: Sequence[int], k_shape: Sequenc
       here (wrong backend or unsupported inputs).
   """
   requested = "auto" if requested is None else requested
-  if requested not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {requested!r} is not one of {IMPLEMENTATIONS} "
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {requested!r} is not one of {ATTENTION_IMPLS} "
                      "(None means 'auto').")
   if requested == "xla":
     return "xla", "requested 'xla'"
   if requested == "cudnn" and backend != "gpu":
     raise ValueError(f"attention implementation 'cudnn' needs a GPU backend, but the backend is "
-                     f"{backend!r}; use implementation='auto' or 'xla'.")
+                     f"{backend!r}; use attention_impl='auto' or 'xla'.")
   if requested == "pallas_tpu" and backend != "tpu":
     raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU backend, but the backend "
-                     f"is {backend!r}; use implementation='auto' or 'xla' (tests: interpret=True).")
+                     f"is {backend!r}; use attention_impl='auto' or 'xla' (tests: interpret=True).")
   if backend == "gpu":
     why_not = _cudnn_unsupported(q_shape, k_shape, dtype, compute_capability, cuda)
     if why_not is None:
@@ -215,7 +216,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str | No
   """
   if v.shape != k.shape:
     raise ValueError(f"v {v.shape} must have k's shape {k.shape}")
-  backend = jax.default_backend()
+  backend, info = jax.default_backend(), _device_info()
   if interpret:
     if implementation != "pallas_tpu":
       raise ValueError("interpret=True is only for implementation='pallas_tpu'.")
@@ -223,9 +224,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str | No
     err = _shape_error(q.shape, k.shape)
     if err:
       raise ValueError(err)
-    info = _device_info()
   else:
-    info = _device_info()
     impl, reason = choose_implementation(backend, q.shape, k.shape, q.dtype, implementation,
                                          **info)
   _log_once((backend, tuple(q.shape), tuple(k.shape), np.dtype(q.dtype).name, implementation,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
-from structvit_jax.models.structsa import StructSA
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 Array = jax.Array
 Dtype = Any
@@ -27,8 +27,7 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   train: bool = False
-  attn: dict = None
-  depthwise_impl: str = "auto"
+  structsa: StructSAConfig = StructSAConfig()
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -38,8 +37,7 @@ class Block(nn.Module):
     ln = functools.partial(nn.LayerNorm, epsilon=1e-6, **kw)
     dp = layers.DropPath(self.drop_path, deterministic=not self.train)
     norm1 = ln(name="norm1")
-    y, y_cls = StructSA(self.num_heads, depthwise_impl=self.depthwise_impl, name="attn",
-                        **(self.attn or {}), **kw)(norm1(x), norm1(cls))
+    y, y_cls = StructSA(self.num_heads, self.structsa, name="attn", **kw)(norm1(x), norm1(cls))
     x, cls = x + dp(y), cls + dp(y_cls)
     mlp, norm2 = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw), ln(name="norm2")
     return x + dp(mlp(norm2(x))), cls + dp(mlp(norm2(cls)))
@@ -54,14 +52,7 @@ class DeiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 1000
   drop_path_rate: float = 0.1
-  d: int = 0                       # 0: SA; 1 + context: ConvSA; >1: StructSA
-  kernel_size: int = 3
-  stride: int = 1
-  aggregation: str = "context"
-  implementation: str = "fused"
-  structure_init_noise: float = 0.02
-  attention_impl: str | None = None
-  depthwise_impl: str = "auto"
+  structsa: StructSAConfig = StructSAConfig()  # D = 0: SA; 1 + context: ConvSA; >1: StructSA
   remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -72,22 +63,18 @@ class DeiT(nn.Module):
       raise ValueError(f"DeiT expects images [B, H, W, 3], got {x.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", name="patch_embed",
-                kernel_init=layers.torch_conv_kernel_init,
-                bias_init=layers.torch_conv_bias_init(3 * p * p), **kw)(x.astype(self.dtype or x.dtype))
+    x = layers.torch_conv(self.embed_dim, (p, p), (p, p), "VALID", 3 * p * p, "patch_embed",
+                          **kw)(x.astype(self.dtype or x.dtype))
     b, gh, gw, c = x.shape
     cls = self.param("cls_token", layers.trunc_normal_02, (1, 1, c), self.param_dtype)
     pos = self.param("pos_embed", layers.trunc_normal_02, (1, 1 + gh * gw, c), self.param_dtype)
     pos = pos.astype(x.dtype)
     cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)) + pos[:, :1]
     x = x + pos[:, 1:].reshape(1, gh, gw, c)
-    attn = dict(d=self.d, kernel_size=self.kernel_size, stride=self.stride,
-                aggregation=self.aggregation, implementation=self.implementation,
-                structure_init_noise=self.structure_init_noise, attention_impl=self.attention_impl)
     block = nn.remat(Block) if self.remat else Block
     for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth).tolist()):
-      x, cls = block(self.num_heads, self.mlp_ratio, rate, train, attn, self.depthwise_impl,
-                     name=f"blocks_{i}", **kw)(x, cls)
+      x, cls = block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=rate,
+                     train=train, structsa=self.structsa, name=f"blocks_{i}", **kw)(x, cls)
     cls = nn.LayerNorm(epsilon=1e-6, name="norm", **kw)(cls[:, 0])
     return nn.Dense(self.num_classes, kernel_init=layers.trunc_normal_02, name="head",
                     **kw)(cls).astype(jnp.float32)

@@ -1,10 +1,11 @@
-"""Building blocks shared by the models: depthwise convolution, drop path, MLPs, inits.
+"""Building blocks shared by the models: depthwise convolution, patch embedding, drop path,
+MLPs, inits.
 
 Depthwise convolution is the one primitive whose formulation matters per backend: XLA:CPU
-runs `conv_general_dilated(feature_group_count=C)` 10-200x slower than the same sum of
-shifted multiply-adds (../shared/STACK.md G4), so `depthwise_conv` picks the formulation by
-backend. UniFormer's position / local convolutions and StructSA's key / value convolutions
-(channel multiplier D) all go through it.
+runs `conv_general_dilated(feature_group_count=C)` much slower than the same sum of shifted
+multiply-adds (docs/platform_notes.md; benchmarks/depthwise.py measures it), so
+`depthwise_conv` picks the formulation by backend. UniFormer's position / local convolutions
+and StructSA's key / value convolutions (channel multiplier D) all go through it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def as_tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
 
 def resolve_depthwise_impl(impl: str) -> str:
   if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f"depthwise_impl={impl!r}; valid: {DEPTHWISE_IMPLS}")
+    raise ValueError(f"depthwise_impl={impl!r}; valid: {', '.join(DEPTHWISE_IMPLS)}")
   if impl == "auto":
     return "shift" if jax.default_backend() == "cpu" else "xla"
   return impl
@@ -106,13 +107,13 @@ def depthwise_conv(x: Array, kernel: Array, strides: Sequence[int] | None = None
 
 
 # 'shift' formulation. Forward: one multiply-add of a shifted, strided input view per tap, in a
-# fori_loop (unrolled, a 5x5x5 window compiled 5-10x slower and ran no faster; measured on CPU).
+# fori_loop (unrolled, large windows compile much slower and run no faster on CPU).
 # Reverse-mode autodiff through that loop saves a shifted input copy per tap and builds the
 # kernel gradient as an einsum with C as a batch dimension, which XLA:CPU lowers to a
-# transpose plus 64 tiny matvecs per tap (11 ms a tap, 20-330x the forward). The custom VJP
-# below keeps only (x, kernel): dx is the same kind of tap loop over the cotangent (one per
-# stride phase, `_shift_input_grad`); dkernel is one `ones @ (view * g)` matvec per tap (a
-# plain reduce over the leading axes runs 3-4x slower on XLA:CPU). See benchmarks/depthwise.py.
+# transpose plus tiny matvecs per tap, many times the forward's cost. The custom VJP below
+# keeps only (x, kernel): dx is the same kind of tap loop over the cotangent (one per stride
+# phase, `_shift_input_grad`); dkernel is one `ones @ (view * g)` matvec per tap (a plain
+# reduce over the leading axes is slower on XLA:CPU). See benchmarks/depthwise.py.
 def _taps(window: Sequence[int]) -> Array:
   return jnp.asarray(list(itertools.product(*(range(k) for k in window))), jnp.int32)
 
@@ -121,7 +122,8 @@ def _tap_view(xp: Array, taps: Array, i: Array, size: Sequence[int],
               strides: Sequence[int]) -> Array:
   """xp[:, m + S * j, ...] for tap m = taps[i] and every output position j."""
   rank = len(strides)
-  start = (0, *(taps[i, a] for a in range(rank)), *(0,) * (xp.ndim - rank - 1))
+  zero = jnp.zeros((), taps.dtype)  # every index one dtype (python ints are int64 under x64)
+  start = (zero, *(taps[i, a] for a in range(rank)), *(zero,) * (xp.ndim - rank - 1))
   view = jax.lax.dynamic_slice(xp, start, (xp.shape[0], *size, *xp.shape[rank + 1:]))
   return view[(slice(None), *(slice(None, None, s) for s in strides))]
 
@@ -185,7 +187,7 @@ def _shift_input_grad(g: Array, kernel: Array, grid: Sequence[int],
       return acc + _tap_view(gp, starts, i, size, (1,) * rank) * kflat[index[i]]
 
     # Accumulate per (d, c) and sum D once after the loop: summing D inside the loop (a reduce,
-    # or D static slices of the minor axes) made dx 7-50x slower on XLA:CPU (D=4, measured).
+    # or D static slices of the minor axes) made dx several times slower on XLA:CPU.
     acc = jax.lax.fori_loop(0, len(taps), tap, jnp.zeros((g.shape[0], *size, d, c), g.dtype))
     acc = sum(acc[..., j, :] for j in range(d))
     # Put phase r back at positions S * q + r (interior padding), and add the phases.
@@ -219,12 +221,14 @@ def _shift_conv_bwd(strides, res, g):
   ones = jnp.ones((n,), x.dtype)
   taps = _taps(window)
 
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # float64 under x64
+
   def dk_tap(i, dk):
     prod = (_tap_view(xp, taps, i, size, strides)[..., None, :] * g).reshape(n, d * c)
-    row = jnp.dot(ones, prod, preferred_element_type=jnp.float32)
-    return jax.lax.dynamic_update_slice(dk, row[None], (i, 0))
+    row = jnp.dot(ones, prod, preferred_element_type=acc)
+    return jax.lax.dynamic_update_slice(dk, row[None], (i, jnp.zeros_like(i)))
 
-  dk = jax.lax.fori_loop(0, taps.shape[0], dk_tap, jnp.zeros((taps.shape[0], d * c), jnp.float32))
+  dk = jax.lax.fori_loop(0, taps.shape[0], dk_tap, jnp.zeros((taps.shape[0], d * c), acc))
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -236,6 +240,37 @@ def _layouts(rank: int) -> tuple[str, str, str]:
   if sp is None:
     raise ValueError(f"grids of rank {rank} are not supported (1, 2 or 3)")
   return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+
+
+def torch_conv(features: int, kernel: Sequence[int], strides: Sequence[int], padding: Any,
+               fan_in: int, name: str, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """nn.Conv with PyTorch's default init (the patch embeddings of every model)."""
+  return nn.Conv(features, tuple(kernel), tuple(strides), padding=padding, dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=torch_conv_kernel_init,
+                 bias_init=torch_conv_bias_init(fan_in), name=name)
+
+
+class PatchEmbed(nn.Module):
+  """The patch embedding of UniFormer and TimeSformer: a `proj` conv (stride = kernel in H, W
+  by default), then with `norm` a LayerNorm(eps 1e-5) named `norm` (UniFormer)."""
+  features: int
+  kernel: Sequence[int]
+  strides: Sequence[int]
+  padding: Any = "VALID"
+  norm: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = x.shape[-1] * int(np.prod(self.kernel))
+    x = torch_conv(self.features, self.kernel, self.strides, self.padding, fan_in, "proj",
+                   self.dtype, self.param_dtype)(x)
+    if self.norm:
+      x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="norm")(x)
+    return x
 
 
 class DepthwiseConv(nn.Module):

@@ -1,4 +1,4 @@
-"""Structural self-attention (StructSA), Kim et al., CVPR 2024 (../shared/DESIGN.md §1).
+"""Structural self-attention (StructSA), Kim et al., CVPR 2024 (docs/structsa.md).
 
 Per head, for query i over N keys on a grid (rank 1, 2 or 3), window M, structure dim D:
 
@@ -11,7 +11,7 @@ channel-wise kernels are not shared across channels. 'element' aggregation (eq. 
 case where U^V has a 1-tap window. D = 0 is vanilla SA, D = 1 with context aggregation is
 ConvSA. The stride S applies to the last two grid axes (H and W; never time).
 
-Two implementations with the same parameters and the same outputs:
+Two forms (`StructSAConfig.form`) with the same parameters and the same outputs:
   'reference': the paper's literal form. It builds the channel-wise correlation maps
     q_i * k_j on the key grid and convolves them with the pattern detectors
     (`conv_general_dilated`, batch = queries), softmaxes jointly, and aggregates values with
@@ -19,9 +19,8 @@ Two implementations with the same parameters and the same outputs:
     attention maps). Memory O(N^2 * C) per head: the readable definition, for tests.
   'fused' (default): by linearity, q_i . conv_d(K)[j] = conv_d(q_i K^T)[j], so StructSA is
     standard attention of the N queries over the N*D keys K~[j, d] = conv_d(K)[j] and
-    values V~[j, d] = conv_d(V)[j]: two depthwise convolutions with channel multiplier D and
-    one attention call (models/attention.py: cuDNN flash attention on GPU, the Pallas
-    flash kernel on TPU, XLA elsewhere).
+    values V~[j, d] = conv_d(V)[j]: two depthwise convolutions with channel multiplier D
+    (`depthwise_impl`, layers.py) and one attention call (`attention_impl`, attention.py).
 
 Extra non-grid tokens (DeiT's class token) are queries, and plain keys/values: each takes
 part once per structure channel d (its key and value unconvolved), i.e. as a grid site with
@@ -37,7 +36,7 @@ them. Without the mutable collection nothing is captured and nothing costs extra
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -46,13 +45,52 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
-from structvit_jax.models.attention import dot_product_attention
+from structvit_jax.models.attention import ATTENTION_IMPLS, dot_product_attention
 
 Array = jax.Array
 Dtype = Any
 
 AGGREGATIONS = ("context", "element")
-IMPLEMENTATIONS = ("fused", "reference")
+FORMS = ("fused", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructSAConfig:
+  """StructSA's settings: the one object the layer, the models (field `structsa`), the zoo
+  presets, the recipes (`c.model.kwargs.structsa`) and model.json carry (docs/structsa.md).
+
+  Defaults are what the models use: D = 0 (UniFormer, DeiT; the StructViT presets set D and
+  S) and init noise 0.02. Invalid settings raise ValueError here, at construction.
+  """
+  d: int = 0                       # D, structure dimension; 0 = vanilla SA, 1 + context = ConvSA
+  kernel_size: int | tuple[int, ...] = 3  # M, window per grid axis (3 -> 3x3 / 3x3x3)
+  stride: int = 1                  # S, over H and W of the key/value grid; needs D > 0
+  aggregation: str = "context"     # AGGREGATIONS: 'context' (eq. 5) or 'element' (eq. 4)
+  init_noise: float = 0.02         # std of N(0, s^2) on the centre-tap U^K, U^V; 0: == SA at init
+  form: str = "fused"              # FORMS: 'fused' or 'reference' (module docstring)
+  attention_impl: str = "auto"     # ATTENTION_IMPLS (attention.py), the fused form's kernel
+  depthwise_impl: str = "auto"     # DEPTHWISE_IMPLS (layers.py): the key/value convs, and every
+                                   # other depthwise conv of the model (UniFormer)
+
+  def __post_init__(self):
+    if not isinstance(self.kernel_size, int):  # JSON gives lists; a field must be hashable
+      object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
+    kernel = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
+    switches = (("aggregation", AGGREGATIONS), ("form", FORMS),
+                ("attention_impl", ATTENTION_IMPLS), ("depthwise_impl", layers.DEPTHWISE_IMPLS))
+    for ok, msg in [
+        (self.d >= 0, f"D={self.d} must be >= 0 (0 = vanilla SA)"),
+        (self.stride >= 1, f"stride={self.stride} must be >= 1"),
+        (self.d > 0 or self.stride == 1,
+         f"stride={self.stride} needs D > 0: vanilla SA (D = 0) attends the unstrided grid"),
+        (all(k >= 1 and k % 2 for k in kernel), f"kernel size M={kernel} must be odd, positive"),
+        *((getattr(self, n) in v, f"{n}={getattr(self, n)!r}; valid: {', '.join(v)}")
+          for n, v in switches)]:
+      if not ok:
+        raise ValueError(f"StructSA: {msg}")
+
+  def replace(self, **changes: Any) -> "StructSAConfig":
+    return dataclasses.replace(self, **changes)
 
 
 def centre_tap_init(noise_std: float = 0.0):
@@ -73,6 +111,11 @@ def centre_tap_init(noise_std: float = 0.0):
   return init
 
 
+def _accumulation(*dtypes: Dtype) -> Dtype:
+  """float32 accumulation for low-precision inputs, float64 for float64 (x64) inputs."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
 def _strides(rank: int, stride: int) -> tuple[int, ...]:
   # Stride over H and W only: the last two grid axes (the only axis of a sequence).
   return tuple(1 if a < rank - 2 else stride for a in range(rank))
@@ -86,14 +129,16 @@ def aggregated_weights(a_grid: Array, u_v: Array, grid: Sequence[int],
 
   That is the transpose of the strided key/value convolution, done as one conv with lhs
   dilation S. a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
-  with C = heads * head_dim; grid: the value grid. Returns W [Q, *grid, C] in float32.
+  with C = heads * head_dim; grid: the value grid. Returns W [Q, *grid, C] in float32 (float64
+  for float64 inputs).
   """
   q_n, *out_grid, h, dd = a_grid.shape
   rank = len(grid)
   window_v = u_v.shape[:rank]
   lhs_spec, rhs_spec, out_spec = layers._layouts(rank)
-  a = a_grid.reshape(q_n, *out_grid, h * dd).astype(jnp.float32)
-  rhs_v = jnp.flip(u_v, axis=tuple(range(rank))).astype(jnp.float32)   # [*Mv, D(in), C(out)]
+  acc = _accumulation(a_grid.dtype, u_v.dtype)
+  a = a_grid.reshape(q_n, *out_grid, h * dd).astype(acc)
+  rhs_v = jnp.flip(u_v, axis=tuple(range(rank))).astype(acc)   # [*Mv, D(in), C(out)]
   pads_v = []
   for size, o, m, st in zip(grid, out_grid, window_v, strides):
     p = (m - 1) // 2
@@ -113,40 +158,24 @@ class StructSA(nn.Module):
   'element' aggregation).
   """
   num_heads: int
-  d: int = 4                       # D, structure dimension; 0 = vanilla SA
-  kernel_size: int | Sequence[int] = 3   # M, window per grid axis (3 -> 3x3 / 3x3x3)
-  stride: int = 1                  # S, over H and W of the key/value grid
-  aggregation: str = "context"     # 'context' (eq. 5) or 'element' (eq. 4)
-  implementation: str = "fused"    # 'fused' or 'reference'
+  structsa: StructSAConfig = StructSAConfig()
   qkv_bias: bool = True
-  structure_init_noise: float = 0.0  # 0: exact centre-tap init (StructSA == SA)
-  depthwise_impl: str = "auto"     # formulation of the key/value convs (layers.py)
-  attention_impl: str | None = None  # None/'auto' | 'xla' | 'cudnn' | 'pallas_tpu' (attention.py)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
-  def _check(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    if self.d < 0:
-      raise ValueError(f"StructSA: D={self.d} must be >= 0 (0 = vanilla SA)")
-    if self.stride < 1:
-      raise ValueError(f"StructSA: stride={self.stride} must be >= 1")
-    if self.aggregation not in AGGREGATIONS:
-      raise ValueError(f"StructSA: aggregation={self.aggregation!r}; valid: {AGGREGATIONS}")
-    if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"StructSA: implementation={self.implementation!r}; valid: {IMPLEMENTATIONS}")
+  def _windows(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     if not 1 <= rank <= 3:
       raise ValueError(f"StructSA: token grids of rank 1, 2 or 3 are supported, got rank {rank}")
-    window_k = layers.as_tuple(self.kernel_size, rank)
-    if any(k < 1 or k % 2 == 0 for k in window_k):
-      raise ValueError(f"StructSA: kernel size M={window_k} must be odd and positive")
-    window_v = window_k if self.aggregation == "context" else (1,) * rank
-    return window_k, window_v, _strides(rank, self.stride)
+    cfg = self.structsa
+    window_k = layers.as_tuple(cfg.kernel_size, rank)
+    window_v = window_k if cfg.aggregation == "context" else (1,) * rank
+    return window_k, window_v, _strides(rank, cfg.stride)
 
   @nn.compact
   def __call__(self, x: Array, extra: Array | None = None):
     b, *grid, c = x.shape
     rank = len(grid)
-    window_k, window_v, strides = self._check(rank)
+    window_k, window_v, strides = self._windows(rank)
     h = self.num_heads
     if c % h:
       raise ValueError(f"StructSA: {c} channels do not split into {h} heads")
@@ -164,12 +193,12 @@ class StructSA(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]           # [B, N, heads, hd]
 
     u_k = u_v = None
-    if self.d > 0:
-      init = centre_tap_init(self.structure_init_noise)
-      u_k = self.param("u_k", init, (*window_k, self.d, c), self.param_dtype)
-      u_v = self.param("u_v", init, (*window_v, self.d, c), self.param_dtype)
+    if self.structsa.d > 0:
+      init = centre_tap_init(self.structsa.init_noise)
+      u_k = self.param("u_k", init, (*window_k, self.structsa.d, c), self.param_dtype)
+      u_v = self.param("u_v", init, (*window_v, self.structsa.d, c), self.param_dtype)
 
-    if self.implementation == "fused":
+    if self.structsa.form == "fused":
       y = self._fused(q, k, v, u_k, u_v, grid, n_extra, strides)
     else:
       y = self._reference(q, k, v, u_k, u_v, grid, n_extra, strides, window_k, window_v)
@@ -181,30 +210,32 @@ class StructSA(nn.Module):
   # -- fused: attention over N*D convolved keys ---------------------------------------------
   def _fused(self, q, k, v, u_k, u_v, grid, n_extra, strides):
     b, n, h, hd = q.shape
-    if self.d > 0:
+    if self.structsa.d > 0:
       ke, kg = k[:, :n_extra], k[:, n_extra:].reshape(b, *grid, h * hd)
       ve, vg = v[:, :n_extra], v[:, n_extra:].reshape(b, *grid, h * hd)
       # K~, V~: [B, *grid', D, C], flattened so that every (j, d) is one key.
-      k_t = layers.depthwise_conv(kg, u_k, strides, self.depthwise_impl).reshape(b, -1, h, hd)
-      v_t = layers.depthwise_conv(vg, u_v, strides, self.depthwise_impl).reshape(b, -1, h, hd)
+      impl = self.structsa.depthwise_impl
+      k_t = layers.depthwise_conv(kg, u_k, strides, impl).reshape(b, -1, h, hd)
+      v_t = layers.depthwise_conv(vg, u_v, strides, impl).reshape(b, -1, h, hd)
       if n_extra:
-        k = jnp.concatenate([jnp.repeat(ke, self.d, axis=1), k_t], axis=1)
-        v = jnp.concatenate([jnp.repeat(ve, self.d, axis=1), v_t], axis=1)
+        k = jnp.concatenate([jnp.repeat(ke, self.structsa.d, axis=1), k_t], axis=1)
+        v = jnp.concatenate([jnp.repeat(ve, self.structsa.d, axis=1), v_t], axis=1)
       else:
         k, v = k_t, v_t
     if not self.is_mutable_collection("intermediates"):
-      return dot_product_attention(q, k, v, self.attention_impl)
+      return dot_product_attention(q, k, v, self.structsa.attention_impl)
     # Capture requested: the same softmax(q K~^T / sqrt(hd)) V~, with the weights kept.
-    logits = jnp.einsum("bihc,bjhc->bihj", q * (hd ** -0.5), k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bihc,bjhc->bihj", q * (hd ** -0.5), k,
+                        preferred_element_type=_accumulation(q.dtype))
     a = jax.nn.softmax(logits, axis=-1)
-    dd = max(self.d, 1)
+    dd = max(self.structsa.d, 1)
     self._capture(a.reshape(b, n, h, -1, dd), n_extra, grid, strides)
     return jnp.einsum("bihj,bjhc->bihc", a.astype(v.dtype), v)
 
   def _capture(self, a, n_extra, grid, strides):
     """Sows the attention of the grid queries, a: [B, Nq, heads, E + N', D] (D = 1 for SA)."""
     b, _, h, _, dd = a.shape
-    if self.d == 0:  # SA attends the unstrided grid
+    if self.structsa.d == 0:  # SA attends the unstrided grid
       strides = (1,) * len(grid)
     key_grid = tuple(layers.conv_output_size(g, 1, st) for g, st in zip(grid, strides))
     a = jnp.moveaxis(a[:, n_extra:], 2, 1)                       # [B, heads, N, E + N', D]
@@ -218,16 +249,16 @@ class StructSA(nn.Module):
   def _reference(self, q, k, v, u_k, u_v, grid, n_extra, strides, window_k, window_v):
     b, n, h, hd = q.shape
     rank = len(grid)
-    f32 = jnp.float32
+    acc = _accumulation(q.dtype)  # float32, or float64 under x64
     q = q * (hd ** -0.5)
-    if self.d == 0:
-      s = jnp.einsum("bihc,bjhc->bhij", q, k, preferred_element_type=f32)
+    if self.structsa.d == 0:
+      s = jnp.einsum("bihc,bjhc->bhij", q, k, preferred_element_type=acc)
       a = jax.nn.softmax(s, axis=-1)
       if self.is_mutable_collection("intermediates"):
         self._capture(jnp.moveaxis(a, 1, 2)[..., None], n_extra, grid, strides)
       return jnp.einsum("bhij,bjhc->bihc", a.astype(v.dtype), v)
 
-    dd = self.d
+    dd = self.structsa.d
     kg, vg = k[:, n_extra:], v[:, n_extra:]
     ke, ve = k[:, :n_extra], v[:, :n_extra]
     lhs_spec, rhs_spec, out_spec = layers._layouts(rank)
@@ -241,10 +272,10 @@ class StructSA(nn.Module):
     dims = jax.lax.conv_dimension_numbers(corr.shape, rhs.shape, (lhs_spec, rhs_spec, out_spec))
     s = jax.lax.conv_general_dilated(corr, rhs.astype(corr.dtype), strides, pads_k,
                                      dimension_numbers=dims, feature_group_count=h,
-                                     preferred_element_type=f32)
+                                     preferred_element_type=acc)
     out_grid = s.shape[1:-1]
     s = s.reshape(b, n, -1, h, dd)                               # [B, Nq, N', heads, D]
-    s_extra = jnp.einsum("bihc,behc->biehc", q, ke, preferred_element_type=f32).sum(-1)
+    s_extra = jnp.einsum("bihc,behc->biehc", q, ke, preferred_element_type=acc).sum(-1)
     s_extra = jnp.broadcast_to(s_extra[..., None], s_extra.shape + (dd,))  # [B, Nq, E, h, D]
 
     # Joint softmax over all N'*D grid entries and E*D extra entries.
@@ -260,7 +291,7 @@ class StructSA(nn.Module):
     # back onto the value grid.
     w = aggregated_weights(a_grid.reshape(b * n, *out_grid, h, dd), u_v, grid, strides)
     w = w.reshape(b, n, -1, h, hd)                               # [B, Nq, N, heads, hd]
-    y = jnp.einsum("bijhc,bjhc->bihc", w, vg.astype(f32))
-    y = y + jnp.einsum("bihe,behc->bihc", a_extra.sum(-1), ve.astype(f32))
+    y = jnp.einsum("bijhc,bjhc->bihc", w, vg.astype(acc))
+    y = y + jnp.einsum("bihe,behc->bihc", a_extra.sum(-1), ve.astype(acc))
     return y.astype(v.dtype)
 

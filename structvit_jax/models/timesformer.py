@@ -1,6 +1,6 @@
 """TimeSformer (Bertasius et al., ICML 2021): ViT video transformer, every attention scheme.
 
-Follows the official `timesformer/models/vit.py` (../shared/PEER_MODELS.md §3):
+Follows the official `timesformer/models/vit.py` (docs/official_weights.md):
   * Frames are folded into the batch for the 16x16 patch conv (`patch_embed/proj`); the
     square `pos_embed` [1, 1+N, C] is shared by all frames, `time_embed` [1, T, C] is added
     per frame (not for 'space_only'). Both are sized at the construction grid (`img_size`,
@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
-from structvit_jax.models.attention import dot_product_attention
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 Array = jax.Array
 Dtype = Any
@@ -134,26 +134,6 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
-class Attention(nn.Module):
-  """Plain multi-head attention; `qkv` output features ordered (3, heads, head_dim) as the
-  official Linear(C, 3C), scale head_dim ** -0.5."""
-  num_heads: int
-  qkv_bias: bool = True
-  attention_impl: str | None = None  # None/'auto' | 'xla' | 'cudnn' | 'pallas_tpu' (attention.py)
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, n, c = x.shape
-    dense = functools.partial(nn.Dense, kernel_init=layers.trunc_normal_02,
-                              dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
-    y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
-    return dense(c, name="proj")(y.reshape(b, n, c))
-
-
 class Block(nn.Module):
   """One TimeSformer block on the stream [B, 1 + H*W*T, C] over the token grid (H, W, T)."""
   num_heads: int
@@ -163,7 +143,7 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   train: bool = False
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -173,7 +153,10 @@ class Block(nn.Module):
     b, _, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ln = functools.partial(nn.LayerNorm, epsilon=1e-6, **kw)
-    attn = functools.partial(Attention, self.num_heads, self.qkv_bias, self.attention_impl, **kw)
+    # Plain multi-head attention over each group: StructSA with D = 0 (`qkv`, `proj` as the
+    # official Linear layers, qkv features ordered (3, heads, head_dim)).
+    attn = functools.partial(StructSA, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                             structsa=StructSAConfig(attention_impl=self.attention_impl), **kw)
     dp = layers.DropPath(self.drop_path, deterministic=not self.train)
     cls, xs = x[:, :1], x[:, 1:].reshape(b, h, w, t, c)
     *pre, (_, split, group_axes) = attention_stages(self.attention_type, h, w, t)
@@ -186,22 +169,6 @@ class Block(nn.Module):
     x = jnp.concatenate([cls + r_cls, (xs + r).reshape(b, h * w * t, c)], axis=1)
     mlp = layers.Mlp(int(c * self.mlp_ratio), name="mlp", **kw)
     return x + dp(mlp(ln(name="norm2")(x)))
-
-
-class PatchEmbed(nn.Module):
-  """Conv2d patch embedding (`patch_embed.proj`), PyTorch's default init."""
-  patch_size: int
-  embed_dim: int
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    p = self.patch_size
-    return nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", name="proj",
-                   kernel_init=layers.torch_conv_kernel_init,
-                   bias_init=layers.torch_conv_bias_init(x.shape[-1] * p * p),
-                   dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class TimeSformer(nn.Module):
@@ -218,7 +185,7 @@ class TimeSformer(nn.Module):
   attention_type: str = "divided_space_time"
   num_frames: int = 8               # construction grid of time_embed
   img_size: int = 224               # construction grid of pos_embed
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -235,7 +202,8 @@ class TimeSformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t = x.shape[:2]
     x = x.astype(self.dtype or x.dtype)
-    x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed", **kw)(
+    p = self.patch_size
+    x = layers.PatchEmbed(self.embed_dim, (p, p), (p, p), name="patch_embed", **kw)(
         x.reshape(b * t, *x.shape[2:]))
     _, h, w, c = x.shape
     g0 = self.img_size // self.patch_size
@@ -259,8 +227,9 @@ class TimeSformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, c)), tokens], axis=1)
     block = nn.remat(Block) if self.remat else Block
     for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth).tolist()):
-      x = block(self.num_heads, grid, self.attention_type, self.mlp_ratio, self.qkv_bias, rate,
-                train, self.attention_impl, name=f"blocks_{i}", **kw)(x)
+      x = block(num_heads=self.num_heads, grid=grid, attention_type=self.attention_type,
+                mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop_path=rate, train=train,
+                attention_impl=self.attention_impl, name=f"blocks_{i}", **kw)(x)
     cls = x[:, 0]
     if self.attention_type == "space_only":
       cls = cls.reshape(b, t, c).mean(axis=1)  # official: mean over t of all tokens, then norm

@@ -1,7 +1,7 @@
 """UniFormer (Li et al. 2022) and StructViT (UniFormer with StructSA in stages 3-4).
 
 One code path for images [B, H, W, 3] and videos [B, T, H, W, 3]: the spatial rank comes
-from the input. Faithful to the official code (../shared/PEER_MODELS.md §1-2): LayerNorm
+from the input. Faithful to the official code (docs/official_weights.md): LayerNorm
 eps 1e-5 in patch embeds and 1e-6 in blocks, exact GELU, BatchNorm in conv blocks and the
 final norm, layer scale, drop path linspace over all blocks, the conv-stem S† variant and
 the token-labeling aux head. Submodule names follow the official state_dict one to one:
@@ -19,36 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from structvit_jax.models import layers
-from structvit_jax.models.structsa import StructSA
+from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 Array = jax.Array
 Dtype = Any
 
 LAYER_SCALES = ("none", "sa", "all")
-
-
-def _conv(features: int, kernel, strides, padding, fan_in: int, name: str, dtype, param_dtype):
-  return nn.Conv(features, kernel, strides, padding=padding, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=layers.torch_conv_kernel_init,
-                 bias_init=layers.torch_conv_bias_init(fan_in), name=name)
-
-
-class PatchEmbed(nn.Module):
-  """`proj` conv (VALID, stride = kernel in H, W) then `norm` LayerNorm(eps 1e-5)."""
-  features: int
-  kernel: Sequence[int]
-  strides: Sequence[int]
-  padding: Sequence[tuple[int, int]]
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    fan_in = x.shape[-1] * int(np.prod(self.kernel))
-    x = _conv(self.features, tuple(self.kernel), tuple(self.strides), list(self.padding), fan_in,
-              "proj", self.dtype, self.param_dtype)(x)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="norm")(x)
 
 
 class ConvEmbed(nn.Module):
@@ -64,8 +40,8 @@ class ConvEmbed(nn.Module):
   def __call__(self, x: Array) -> Array:
     bn = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
                            epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = lambda f, name, cin: _conv(f, (3, 3), (2, 2), [(1, 1), (1, 1)], 9 * cin, name,
-                                      self.dtype, self.param_dtype)
+    conv = lambda f, name, cin: layers.torch_conv(f, (3, 3), (2, 2), [(1, 1), (1, 1)], 9 * cin,
+                                                  name, self.dtype, self.param_dtype)
     if self.head:
       x = bn(name="proj_1")(conv(self.features // 2, "proj_0", x.shape[-1])(x))
       x = layers.gelu(x)
@@ -79,7 +55,7 @@ class CBlock(nn.Module):
   drop_path: float = 0.0
   layer_scale: bool = False
   train: bool = False
-  depthwise_impl: str = "auto"
+  depthwise_impl: str = "auto"     # StructSAConfig.depthwise_impl of the model
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -109,8 +85,7 @@ class SABlock(nn.Module):
   drop_path: float = 0.0
   layer_scale: bool = False
   train: bool = False
-  attn: dict = None  # StructSA fields: d, kernel_size, stride, aggregation, implementation, ...
-  depthwise_impl: str = "auto"
+  structsa: StructSAConfig = StructSAConfig()
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -119,9 +94,8 @@ class SABlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ln = functools.partial(nn.LayerNorm, epsilon=1e-6, **kw)
     dp = layers.DropPath(self.drop_path, deterministic=not self.train)
-    x = x + layers.DepthwiseConv(3, impl=self.depthwise_impl, name="pos_embed", **kw)(x)
-    y = StructSA(self.num_heads, depthwise_impl=self.depthwise_impl, name="attn",
-                 **(self.attn or {}), **kw)(ln(name="norm1")(x))
+    x = x + layers.DepthwiseConv(3, impl=self.structsa.depthwise_impl, name="pos_embed", **kw)(x)
+    y = StructSA(self.num_heads, self.structsa, name="attn", **kw)(ln(name="norm1")(x))
     x = x + dp(layers.layer_scale(self, "gamma_1", y, self.layer_scale))
     y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(ln(name="norm2")(x))
     return x + dp(layers.layer_scale(self, "gamma_2", y, self.layer_scale))
@@ -144,15 +118,7 @@ class UniFormer(nn.Module):
   layer_scale: str = "none"        # 'none' | 'sa' (SABlocks, base_ls) | 'all' (large_ls)
   conv_stem: bool = False          # UniFormer-S† head/middle conv embeddings (images only)
   token_labeling: bool = False     # aux_head + the TL eval rule (UniFormer-L)
-  # StructSA in stages 3-4 (DESIGN §1). d = 0: UniFormer.
-  d: int = 0
-  kernel_size: int = 3             # M per grid axis: 3x3 for images, 3x3x3 for video
-  stride: int = 1
-  aggregation: str = "context"
-  implementation: str = "fused"
-  structure_init_noise: float = 0.02  # 0: exact centre tap (StructSA == SA at init)
-  attention_impl: str | None = None
-  depthwise_impl: str = "auto"
+  structsa: StructSAConfig = StructSAConfig()  # attention of stages 3-4; D = 0: UniFormer
   remat: bool = False              # rematerialise each block in the backward pass
   dtype: Dtype | None = None       # compute dtype (bf16); params stay param_dtype
   param_dtype: Dtype = jnp.float32
@@ -179,10 +145,6 @@ class UniFormer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype or x.dtype)
     dpr = np.linspace(0.0, self.drop_path_rate, sum(self.depth)).tolist()
-    attn = dict(d=self.d, kernel_size=self.kernel_size, stride=self.stride,
-                aggregation=self.aggregation, implementation=self.implementation,
-                structure_init_noise=self.structure_init_noise,
-                attention_impl=self.attention_impl)
     cblock, sablock = CBlock, SABlock
     if self.remat:  # explicit names below keep parameter paths identical with and without
       cblock, sablock = nn.remat(CBlock), nn.remat(SABlock)
@@ -196,14 +158,15 @@ class UniFormer(nn.Module):
                     ((4, 4), (4, 4), [(0, 0), (0, 0)])
         else:
           k, s, p = ((1, 2, 2), (1, 2, 2), [(0, 0)] * 3) if video else ((2, 2), (2, 2), [(0, 0)] * 2)
-        x = PatchEmbed(c, k, s, p, name=f"patch_embed{stage + 1}", **kw)(x)
+        x = layers.PatchEmbed(c, k, s, p, norm=True, name=f"patch_embed{stage + 1}", **kw)(x)
       for b in range(n):
         common = dict(mlp_ratio=self.mlp_ratio, drop_path=dpr[i], train=train,
-                      depthwise_impl=self.depthwise_impl, name=f"blocks{stage + 1}_{b}", **kw)
+                      name=f"blocks{stage + 1}_{b}", **kw)
         if stage < 2:
-          x = cblock(layer_scale=self.layer_scale == "all", **common)(x)
+          x = cblock(layer_scale=self.layer_scale == "all",
+                     depthwise_impl=self.structsa.depthwise_impl, **common)(x)
         else:
-          x = sablock(num_heads=c // self.head_dim, attn=attn,
+          x = sablock(num_heads=c // self.head_dim, structsa=self.structsa,
                       layer_scale=self.layer_scale != "none", **common)(x)
         i += 1
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="norm",

@@ -2,7 +2,8 @@
 
   python -m structvit_jax.tools.model_stats --model=structvit_s_4_1
   python -m structvit_jax.tools.model_stats --model=structvit_s_4_1 --frames=16 --num_classes=400
-  python -m structvit_jax.tools.model_stats --model=deit_s --set d=4 --set aggregation=element --json
+  python -m structvit_jax.tools.model_stats --model=deit_s --json \
+      --set "structsa={'d': 4, 'aggregation': 'element'}"
 
 Nothing is allocated: parameters come from `jax.eval_shape`, MACs from the jaxpr
 (structvit_jax/flops.py). Video FLOPs are per view (multiply by clips x crops).
