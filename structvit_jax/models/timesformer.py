@@ -1,11 +1,7 @@
 """TimeSformer (Bertasius et al., ICML 2021): ViT video transformer, every attention scheme.
 
-Follows the official `timesformer/models/vit.py` (docs/official_weights.md):
-  * Frames are folded into the batch for the 16x16 patch conv (`patch_embed/proj`); the
-    square `pos_embed` [1, 1+N, C] is shared by all frames, `time_embed` [1, T, C] is added
-    per frame (not for 'space_only'). Both are sized at the construction grid (`img_size`,
-    `num_frames`) and resized in the forward pass with torch's 'nearest' rule (2-D on the
-    square position grid, 1-D in time) when the input grid differs.
+Follows the official `timesformer/models/vit.py` (parameters, embeddings and their
+nearest-rule resizing: docs/official_weights.md, "TimeSformer"):
   * The residual stream is [B, 1 + N*T, C]: the class token, then patch n of frame t at
     1 + n*T + t (space-major, time-minor), n = h*W + w.
   * Block = a chain of attention stages over groups of tokens, then the MLP. Every stage
@@ -39,10 +35,7 @@ width, then height. Names: L+G `local_{norm1,attn,fc}` then `norm1`/`attn`; axia
 names of the divided scheme's spatial attention and of the 2-D ViT a checkpoint is
 inflated from.
 
-Cost (ViT-B/16, 8x224, multiply-adds): the linear layers dominate (12 C^2 per token and
-block against 2 C per token pair for q K^T and A V; joint: 11.1 of 14.9 GMACs a block), so
-every extra stage adds 5 C^2 per token (qkv, proj, fc) while the attention maps shrink:
-space-only 140.5, joint 179.6, divided 195.8, L+G 206.9, axial 249.4 GFLOPs.
+Cost per scheme: docs/flops.md, "TimeSformer's attention schemes".
 
 T = 1 equalities (tests/test_timesformer.py), with shared weights:
   * divided == joint whenever every `temporal_fc` is zero (its init): temporal attention
