@@ -97,7 +97,7 @@ def _tar_items(path: str, label: int, cls: str) -> list[Item]:
 
 
 def _val_labels(src: str, files: Sequence[str], names: list[str]) -> dict[str, str]:
-  """file name -> WordNet id for a flat validation folder (README.md, "Images"; else tfds' label list)."""
+  """file name -> WordNet id for a flat validation folder (README.md, "Images")."""
   for d in (src, os.path.join(src, "val"), os.path.join(src, "validation")):
     p = os.path.join(d, "LOC_val_solution.csv")
     if os.path.exists(p):
