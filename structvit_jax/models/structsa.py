@@ -93,12 +93,9 @@ def _strides(rank: int, stride: int) -> tuple[int, ...]:
 
 def aggregated_weights(a_grid: Array, u_v: Array, grid: Sequence[int],
                        strides: Sequence[int]) -> Array:
-  """The final attention map of StructSA on the value grid (Fig. 4): the dynamic kernels
-  kappa_ij = sum_d A_i[j, d] U^V[:, d] of every key site j scattered back onto the sites they
-  read, W_i[j'] = sum_{j, d, m : S j + m - p = j'} A_i[j, d] U^V[m, d, c]; y_i = sum_j' W_i[j'] v_j'.
-
-  That is the transpose of the strided key/value convolution, done as one conv with lhs
-  dilation S. a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
+  """The final attention map W_i of StructSA on the value grid (Fig. 4; docs/structsa.md,
+  "Two implementations"): a transposed strided conv, one conv with lhs dilation S.
+  a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
   with C = heads * head_dim; grid: the value grid. Returns W [Q, *grid, C] in float32 (float64
   for float64 inputs).
   """
