@@ -19,8 +19,7 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-# Formulations of the depthwise convolution. 'auto': 'shift' on CPU, 'xla' elsewhere
-# (the GPU choice is measured in benchmarks/).
+# Formulations of the depthwise convolution. 'auto': 'shift' on CPU, 'xla' elsewhere.
 DEPTHWISE_IMPLS = ("auto", "xla", "shift")
 
 # PyTorch's defaults, so that a model trained here starts where the official one does.

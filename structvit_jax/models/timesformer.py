@@ -23,14 +23,11 @@ nearest-rule resizing: docs/official_weights.md, "TimeSformer"):
   |                     | width: per (t, h), over W          |                                |
 
 'sparse_local_global' and 'axial' are not in the official code; they follow the paper's
-description (Sec. 3 and Fig. 2/3): L+G is local attention over the neighbouring
-F x H/2 x W/2 patches, then sparse global attention with stride 2 in time, height and
-width. We take "neighbouring" as a fixed partition into the four spatial quadrants (each
-spanning every frame), the block-local pattern of Sparse Transformers (Child et al. 2019)
-that the paper cites (a sliding window would cost as much as joint attention in dense
-form); the global stage groups the tokens whose (t, h, w) are congruent mod 2 (8 groups; 4
-when T = 1). It needs H and W even, and T even or 1. Axial attends over time, then
-width, then height. Names: L+G `local_{norm1,attn,fc}` then `norm1`/`attn`; axial
+description (Sec. 3 and Fig. 2/3). L+G's "neighbouring patches" are a fixed partition into
+the four spatial quadrants (each spanning every frame), the block-local pattern of Sparse
+Transformers (Child et al. 2019) that the paper cites (a sliding window would cost as much
+as joint attention in dense form); its global stage has 8 parity groups (4 when T = 1). It
+needs H and W even, and T even or 1. Names: L+G `local_{norm1,attn,fc}` then `norm1`/`attn`; axial
 `temporal_*`, `width_*`, then `norm1`/`attn` (height), so the last stage always has the
 names of the divided scheme's spatial attention and of the 2-D ViT a checkpoint is
 inflated from.
