@@ -27,10 +27,10 @@ description (Sec. 3 and Fig. 2/3). L+G's "neighbouring patches" are a fixed part
 the four spatial quadrants (each spanning every frame), the block-local pattern of Sparse
 Transformers (Child et al. 2019) that the paper cites (a sliding window would cost as much
 as joint attention in dense form); its global stage has 8 parity groups (4 when T = 1). It
-needs H and W even, and T even or 1. Names: L+G `local_{norm1,attn,fc}` then `norm1`/`attn`; axial
-`temporal_*`, `width_*`, then `norm1`/`attn` (height), so the last stage always has the
-names of the divided scheme's spatial attention and of the 2-D ViT a checkpoint is
-inflated from.
+needs H and W even, and T even or 1. Names: L+G `local_{norm1,attn,fc}` then
+`norm1`/`attn`; axial `temporal_*`, `width_*`, then `norm1`/`attn` (height), so the last
+stage always has the names of the divided scheme's spatial attention and of the 2-D ViT a
+checkpoint is inflated from.
 
 Cost per scheme: docs/flops.md, "TimeSformer's attention schemes".
 
