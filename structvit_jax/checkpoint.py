@@ -2,15 +2,10 @@
 
 Layout: <dir>/<step>/state/ (params, opt_state, batch_stats, EMA, step, RNG) and
 <dir>/<step>/data_iter/process_<i>-of-<n>.json (one file per process). Saves are async;
-restores always take a target built from jax.eval_shape with the shardings the trainer uses
-(docs/platform_notes.md), so an array comes back directly on its devices, replicated or
-FSDP-sharded.
+restores take a sharded target (docs/platform_notes.md, "Checkpoints (Orbax)").
 
-Steps are listed by Orbax's step-name format (`list_steps`): a directory named `<step>` is
-a step, `<step>.orbax-checkpoint-tmp-*` an unfinished save (removed when a run starts).
-A step that does not restore completely is renamed `<step>.unusable-<reason>` (never
-deleted: the user may want it), which takes it out of that format, and the restore falls
-back to the newest step that does.
+Steps are listed by Orbax's step-name format (`list_steps`), so a step renamed
+`<step>.unusable-<reason>` (README.md, "Faults on resume") is no longer one.
 """
 
 import errno

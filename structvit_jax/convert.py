@@ -1,12 +1,8 @@
 """Official PyTorch checkpoint -> structvit_jax export (model.json + Orbax params/).
 
   python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=uniformer_s --out=EXPORT
-  python -m structvit_jax.convert --src=uniformer_small_tl_224.pth --model=uniformer_s \
-      --set head_dim=32 --set token_labeling=True --out=EXPORT
   python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=structvit_s_4_1 --out=EXPORT
-  python -m structvit_jax.convert --src=uniformer_small_k400_16x4.pth --model=uniformer_s --out=EXPORT
-  python -m structvit_jax.convert --src=TimeSformer_divST_8x32_224_K400.pyth --model=timesformer_b \
-      --out=EXPORT
+  (more examples: README.md, "Pretrained weights")
 
 Key mapping and layouts: structvit_jax/weights.py and the model families' rules
 (models/*_weights.py; docs/official_weights.md). Every checkpoint key must map and every

@@ -32,10 +32,6 @@ class RunError(UserError):
   exit_status = 1
 
 
-class ConfigError(UserError, ValueError):
-  """A config value that cannot work (a ValueError too, for callers that catch those)."""
-
-
 def _raised_by_us(e: BaseException) -> bool:
   tb = e.__traceback__
   if tb is None:

@@ -1,16 +1,8 @@
-"""Multiply-add counts as the paper reports FLOPs (fvcore convention, docs/flops.md).
+"""Multiply-add counts as the paper reports FLOPs (fvcore convention; docs/flops.md).
 
-We walk the jaxpr of a function and count one MAC per multiply-add of every `dot_general`
-(linear layers, q K^T, A V) and `conv_general_dilated` (full window per output element,
-padding included, as fvcore does). Softmax, GELU and additions are not counted, as in
-fvcore; fvcore also counts LayerNorm / BatchNorm, which adds ~0.3% (0.012 of UniFormer-S's
-3.644 GMACs) that we leave out. Nothing is compiled or allocated: the jaxpr comes from abstract
-shapes, so a 16x224x224 video model counts in a second.
-
-Depthwise convolutions are counted in their convolution form: the counter traces with
-`StructSAConfig.depthwise_impl='xla'` semantics regardless of the backend (`count_model_macs` does that),
-because the shift-add formulation used on CPU is the same arithmetic spelt as
-multiplies and adds.
+Walks the jaxpr of a function (from abstract shapes: nothing is compiled) and counts one MAC
+per multiply-add of every `dot_general` and `conv_general_dilated`; what is and is not
+counted, and why depthwise convolutions are counted in their convolution form: docs/flops.md.
 """
 
 from __future__ import annotations
@@ -91,7 +83,7 @@ def count_macs(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
 def count_model_macs(model, input_shape, batch_size: int = 1) -> dict[str, int]:
   """Forward (eval-mode) MACs of a flax model for one batch of `input_shape` examples.
 
-  Depthwise convolutions are traced in their conv form (see module docstring)."""
+  Depthwise convolutions are traced in their conv form (docs/flops.md)."""
   import jax.numpy as jnp
   if hasattr(model, "structsa"):
     model = model.clone(structsa=model.structsa.replace(depthwise_impl="xla"))

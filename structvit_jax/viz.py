@@ -1,17 +1,12 @@
 """The paper's figures for any StructSA model and input (matplotlib, PNG out).
 
-Everything drawn here is what the model computed: `capture` runs the model once with the
-"intermediates" collection mutable, every StructSA layer sows its joint attention
-A_i[j, d] (models/structsa.py), and the figures combine those weights with the layer's own
-U^V. Nothing re-derives a different attention.
+Everything drawn is what the model computed: `capture` runs it once and collects the joint
+attention A_i[j, d] every StructSA layer sows, combined here with the layer's own U^V
+(docs/structsa.md, "Reading the attention back").
 
-  Fig. 2  fig_pattern_detectors: for a query i, the D pattern-detector attention maps
-          A_i[:, d] = softmax(q_i K~^T)[:, d] (sigma(q_i K_j^T U^K_d), jointly normalised),
-          the D context aggregators U^V_d, and their combinations, the dynamic kernels
-          kappa_ij = sum_d A_i[j, d] U^V_d, at chosen key sites j.
-  Fig. 4  fig_attention_comparison: the final attention map of each model side by side, i.e.
-          the weight W_i[j'] every value site j' receives (the dynamic kernels scattered
-          back onto the grid; for SA simply A_i).
+  Fig. 2  fig_pattern_detectors: for a query i, the D maps A_i[:, d], the D context
+          aggregators U^V_d and the dynamic kernels kappa_ij at chosen key sites j.
+  Fig. 4  fig_attention_comparison: the final attention map W_i of each model side by side.
   Fig. 3  fig_dynamic_kernels_over_time: for a video query, kappa_ii (i = j) in every frame.
 
 Maps are shown per head (`head=k`) or averaged over heads (`head=None`); kernels and

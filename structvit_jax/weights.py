@@ -1,10 +1,8 @@
 """Pretrained weights in: PyTorch state_dicts -> our variables, inflation, resizing.
 
 Two steps, shared by `python -m structvit_jax.convert` and `config.init_from`:
-  1. `from_torch(state_dict, abstract)`: every torch key -> a flax path in our layout. Our
-     submodule names are the official keys (`blocks3.5.attn.qkv.weight` <->
-     params/blocks3_5/attn/qkv/kernel): `torch_key` derives the table from the target's
-     tree, `_to_flax` the layout from the leaf kind (docs/official_weights.md).
+  1. `from_torch(state_dict, abstract)`: every torch key -> a flax path in our layout
+     (`torch_key`, `_to_flax`; names and layouts: docs/official_weights.md).
   2. `fit(src, abstract, init_fn, ...)`: src (flax paths: torch, an export, a training
      checkpoint) onto the target's structure and shapes.
 Unmapped keys, missing leaves and shapes that do not fit are errors listing them all. Model

@@ -1,9 +1,8 @@
 """TensorFlow-free tfds builders for image classification data, and the reader.
 
-The builders write ArrayRecord shards (`file_format='array_record'`; tfds' TFRecord writer
-and its numpy-image encoder need TensorFlow, docs/platform_notes.md). Features match the
-official tfds `imagenet2012`: image (tfds Image, the source JPEG bytes stored as they are),
-label (ClassLabel), file_name (Text: the path relative to the split directory). So official
+ArrayRecord shards (why: docs/platform_notes.md, "tfds without TensorFlow") with the
+features of the official tfds `imagenet2012`: image (the source JPEG bytes as they are),
+label (ClassLabel), file_name (Text: the path relative to the split directory), so official
 `imagenet2012` ArrayRecord data and ours are read by the same code (`open_split`).
 
 The examples to write are given to the builder (a list of `Item` per split, decided by

@@ -1,19 +1,13 @@
 """Input pipeline assembly: a random-access source -> grain MapDataset -> per-process batches.
 
-Train: source -> seeded shuffle, reshuffled every epoch (`.seed(s).shuffle().repeat()`) ->
-transforms (per-example RNG keyed by the position in the global stream) -> batches of the
-local batch size -> this process's batches `[process_index::process_count]`. So global step
-t always consists of global stream positions [t*B, (t+1)*B) in process order: the global
-batch, augmentations included, is identical whatever the number of processes, and shards
-are disjoint. The iterator is a grain DatasetIterator (get_state/set_state), saved in the
-Orbax checkpoint by the trainer.
-
-Eval: the split is padded (wrapping around) to a multiple of the global batch, a `mask`
-marks the padding, and each process takes every process_count-th batch: every example is
-seen exactly once over all processes and every process runs the same number of batches.
-
-A dataset is registered in `_BUILDERS` as a function (config.data, split name, train) ->
-`DatasetSpec` (source + transforms + metadata); real datasets plug in the same way.
+Train: seeded shuffle, reshuffled every epoch -> transforms (per-example RNG keyed by the
+position in the global stream) -> local batches -> this process's `[process_index::
+process_count]`. Global step t is stream positions [t*B, (t+1)*B): the global batch,
+augmentations included, is the same for any number of processes. The grain iterator's
+state is saved in the trainer's checkpoints. Eval: the split is padded (wrapping around,
+`mask` marks the padding) to a multiple of the global batch, each process takes every
+process_count-th batch: every example seen once, the same batch count on every process.
+`_BUILDERS`: (config.data, split name, train) -> `DatasetSpec` (source, transforms, metadata).
 """
 
 from __future__ import annotations

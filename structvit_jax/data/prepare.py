@@ -4,25 +4,13 @@ r"""Prepare image datasets as tfds ArrayRecord data, without TensorFlow.
       [--name=image_folder] [--workers=4]
   python -m structvit_jax.data.prepare --dataset=imagenet2012 --src=RAW --data_dir=OUT
 
-image_folder: DIR/<split>/<class>/<image>; every subdirectory of DIR is a split (train,
-  validation, ...); labels are the sorted class names over all splits. Images in nested
-  sub-folders of a class folder belong to that class; images directly in a split folder
-  (outside any class) are left out with a warning. Written to
-  OUT/<name>/1.0.0/ (read with config.data.name='image_folder', config.data.tfds_name=<name>).
-imagenet2012: RAW/train/ holds n*/ class folders or the per-class n*.tar files;
-  RAW/val/ (or validation/) holds n*/ class folders, or the 50,000 flat
-  ILSVRC2012_val_*.JPEG files labelled by (first found) RAW/LOC_val_solution.csv (Kaggle:
-  'ImageId,PredictionString' whose first token is the WordNet id), RAW/val_labels.txt
-  ('file_name label' per line; label = WordNet id or 0-based index in tfds' order), or
-  else tfds' own validation_labels.txt (sorted file names). Written to
-  OUT/imagenet2012/5.1.0/, the layout, features and labels of the official tfds data.
-
-Every image is decoded once first (PIL, all of its data); unreadable files are skipped,
-listed and logged. Non-RGB-JPEG files (PNG, CMYK, grey) are stored re-encoded as RGB JPEG.
-Resumable: each split is checked and written on its own under OUT/<name>/.prepare/<split>/
-(the check result is cached in files.tsv, a finished split has its dataset_info.json);
-rerunning skips what is finished. The splits are merged into the final directory at the
-end, which is only created when every split is complete.
+Source layouts, output directories and unreadable files: README.md, "Images". image_folder:
+every subdirectory of DIR is a split; labels are the sorted class names over all splits.
+imagenet2012: flat val images without a label file are labelled by tfds' own
+validation_labels.txt (sorted file names). Resumable: each split is checked and written on
+its own under OUT/<name>/.prepare/<split>/ (check results cached in files.tsv, a finished
+split has its dataset_info.json); the splits are merged into the final directory only when
+every split is complete.
 """
 
 from __future__ import annotations
@@ -109,7 +97,7 @@ def _tar_items(path: str, label: int, cls: str) -> list[Item]:
 
 
 def _val_labels(src: str, files: Sequence[str], names: list[str]) -> dict[str, str]:
-  """file name -> WordNet id for a flat validation folder (module docstring)."""
+  """file name -> WordNet id for a flat validation folder (README.md, "Images")."""
   for d in (src, os.path.join(src, "val"), os.path.join(src, "validation")):
     p = os.path.join(d, "LOC_val_solution.csv")
     if os.path.exists(p):
@@ -354,7 +342,7 @@ def _log_summary(s: Summary) -> None:
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, ["image_folder", "imagenet2012"], "What --src holds.")
-flags.DEFINE_string("src", None, "Raw images (module docstring for the layouts).")
+flags.DEFINE_string("src", None, "Raw images (layouts: README.md, \"Images\").")
 flags.DEFINE_string("data_dir", None, "tfds data directory to write into.")
 flags.DEFINE_string("name", None, "tfds name of an image_folder dataset (default image_folder)"
                     "; set config.data.tfds_name to the same value to read it.")

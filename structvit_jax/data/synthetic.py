@@ -11,7 +11,6 @@ example can be regenerated on its own (resumable, shardable, multi-worker).
   random position, scale and rotation, in a random colour that stands out from a random
   background (gradient + a faint grating at a random orientation), sometimes with a small
   plain distractor shape, plus pixel noise.
-  A tiny StructViT reaches ~0.87 top-1 at 32 px in ~1500 steps (configs/demo.py).
 - synthetic_video (8 classes, in the spirit of Something-Something): the class is the
   motion of one striped shape (moving left, right, up or down, rotating clockwise or
   counter-clockwise, expanding or shrinking) over a random static background, sometimes

@@ -1,16 +1,10 @@
 """Video datasets (Kinetics-400, Something-Something V2, Diving-48, FineGym) from list files,
 decoded with PyAV inside the grain transforms (so decoding runs in grain worker processes).
 
-Layout (the UniFormer / mmaction annotation format):
-
-  DATA_DIR/train.csv   one video per line: `relative/path.mp4 label` (whitespace separated;
-  DATA_DIR/val.csv     the label is the last field, so paths may contain spaces; blank lines
-  DATA_DIR/<paths>     and lines starting with '#' are skipped; labels are 0-based ints)
-
-Paths are relative to DATA_DIR (config.data.data_dir), or absolute. The list files are
-config.data.train_list / config.data.eval_list (relative to DATA_DIR); unset, the list of
-split S is DATA_DIR/S.csv. The source only returns the path: decoding happens in the
-transform, per example.
+List files (the UniFormer / mmaction format, `relative/path.mp4 label` per line): README.md,
+"Videos". Labels are the last field, so paths may contain spaces; unset
+config.data.train_list / eval_list, the list of split S is DATA_DIR/S.csv. The source only
+returns the path: decoding happens in the transform, per example.
 
 Temporal sampling (frame indices into the file's frames; L = number of frames):
 - dense (K400): N frames `rate` apart, a window of W = (N-1)*rate+1 frames. Train: start

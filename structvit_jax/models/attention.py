@@ -2,31 +2,12 @@
 
 `dot_product_attention(q, k, v, implementation)` takes the layout of
 `jax.nn.dot_product_attention` (q [B, Nq, H, hd], k / v [B, Nk, H, hd]) and the scale
-1/sqrt(hd), and runs:
-  * GPU: cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`) when
-    the inputs meet its constraints (bf16/fp16, head_dim % 8 == 0 and <= 128, or <= 256 on
-    sm90+), else XLA;
-  * TPU: the Pallas flash-attention kernel (jax.experimental.pallas.ops.tpu.flash_attention,
-    layout [B, H, N, hd]), sequences zero-padded to multiples of 128 with the padded keys
-    masked by segment ids; else XLA;
-  * CPU: XLA.
-The choice is the pure function `choose_implementation` (testable for any backend on CPU);
-`dot_product_attention` logs it once per distinct (backend, shapes, dtype, request) at
-trace time, never per step.
-
-Constraints, from the jax sources (jax/_src/cudnn/fused_attention_stablehlo.py
-check_layout / check_is_flash_attention, jax/experimental/pallas/ops/tpu/flash_attention.py
-_verify_block and its kernels; docs/platform_notes.md):
-  cuDNN: q/k/v dtype fp16 or bf16 (fp32 raises NotImplementedError); q and k head dims
-    equal; head_dim % 8 == 0 and <= 256 on compute capability >= 9.0, <= 128 before; no
-    sequence-length constraint without bias; the sequence and head_dim axes must not be
-    sharded (the batch may be). cuDNN's fused flash attention needs sm80+.
-  Pallas TPU: the backward kernels tile kv in blocks that must divide kv_seq_len and be
-    multiples of 128 (MIN_BLOCK_SIZE), and q blocks must divide q_seq_len; head_dim <= 128
-    or a multiple of 128; equal head counts. A Mosaic kernel cannot be partitioned by
-    GSPMD ("Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
-    shard_map."), so on more than one device it runs inside `jax.shard_map` over the batch,
-    which needs a mesh in context (`jax.set_mesh`); without one, XLA is used.
+1/sqrt(hd), and runs cuDNN flash attention on GPU, the Pallas flash kernel on TPU (sequences
+padded to multiples of 128, padded keys masked by segment ids; inside `jax.shard_map` on
+more than one device) and XLA otherwise. The choice is the pure function
+`choose_implementation` (testable for any backend on CPU); `dot_product_attention` logs it
+once per distinct (backend, shapes, dtype, request) at trace time. The kernels' constraints:
+docs/platform_notes.md, "Attention kernels".
 """
 
 from __future__ import annotations

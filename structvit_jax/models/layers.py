@@ -1,11 +1,7 @@
 """Building blocks shared by the models: depthwise convolution, patch embedding, drop path,
-MLPs, inits.
-
-Depthwise convolution is the one primitive whose formulation matters per backend: XLA:CPU
-runs `conv_general_dilated(feature_group_count=C)` much slower than the same sum of shifted
-multiply-adds (docs/platform_notes.md; benchmarks/depthwise.py measures it), so
-`depthwise_conv` picks the formulation by backend. UniFormer's position / local convolutions
-and StructSA's key / value convolutions (channel multiplier D) all go through it.
+MLPs, inits. `depthwise_conv` (UniFormer's position / local convs and StructSA's key / value
+convs) picks its formulation by backend: docs/platform_notes.md, "Depthwise convolution on
+XLA:CPU".
 """
 
 from __future__ import annotations
@@ -23,8 +19,7 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-# Formulations of the depthwise convolution. 'auto': 'shift' on CPU, 'xla' elsewhere
-# (the GPU choice is measured in benchmarks/).
+# Formulations of the depthwise convolution. 'auto': 'shift' on CPU, 'xla' elsewhere.
 DEPTHWISE_IMPLS = ("auto", "xla", "shift")
 
 # PyTorch's defaults, so that a model trained here starts where the official one does.

@@ -1,37 +1,9 @@
-"""Structural self-attention (StructSA), Kim et al., CVPR 2024 (docs/structsa.md).
+"""Structural self-attention (StructSA), Kim et al., CVPR 2024.
 
-Per head, for query i over N keys on a grid (rank 1, 2 or 3), window M, structure dim D:
-
-  SQKA          s_i[j, d] = sum_m sum_c U^K[m, d, c] q_i[c] k_{Sj+m}[c]     (eq. 2-3)
-  joint softmax A_i = softmax over all (j, d) of s_i                          (not D softmaxes)
-  aggregation   y_i = sum_j sum_d A_i[j, d] sum_m U^V[m, d, c] v_{Sj+m}[c]    (eq. 5)
-
-U^K (pattern detectors) and U^V (context aggregators) have shape [M, D, C] per head: the
-channel-wise kernels are not shared across channels. 'element' aggregation (eq. 4) is the
-case where U^V has a 1-tap window. D = 0 is vanilla SA, D = 1 with context aggregation is
-ConvSA. The stride S applies to the last two grid axes (H and W; never time).
-
-Two forms (`StructSAConfig.form`) with the same parameters and the same outputs:
-  'reference': the paper's literal form. It builds the channel-wise correlation maps
-    q_i * k_j on the key grid and convolves them with the pattern detectors
-    (`conv_general_dilated`, batch = queries), softmaxes jointly, and aggregates values with
-    the dynamic kernels kappa_ij = sum_d A_i[j, d] U^V[:, d] (a transposed convolution of the
-    attention maps). Memory O(N^2 * C) per head: the readable definition, for tests.
-  'fused' (default): by linearity, q_i . conv_d(K)[j] = conv_d(q_i K^T)[j], so StructSA is
-    standard attention of the N queries over the N*D keys K~[j, d] = conv_d(K)[j] and
-    values V~[j, d] = conv_d(V)[j]: two depthwise convolutions with channel multiplier D
-    (`depthwise_impl`, layers.py) and one attention call (`attention_impl`, attention.py).
-
-Extra non-grid tokens (DeiT's class token) are queries, and plain keys/values: each takes
-part once per structure channel d (its key and value unconvolved), i.e. as a grid site with
-identity kernels. That keeps "centre-tap U^K, U^V == SA" exact with a class token.
-
-On request the layer returns its attention: apply with `mutable=["intermediates"]` and every
-StructSA sows {"attn_grid": A [B, heads, *grid, *grid', D] (grid queries over grid keys),
-"attn_extra": [B, heads, *grid, E, D] (if extra tokens), "strides"} under its own path. The
-fused path then computes the same softmax explicitly (instead of the fused kernel), so the
-captured maps are exactly the weights that produced the output; structvit_jax/viz.py draws
-them. Without the mutable collection nothing is captured and nothing costs extra.
+SQKA with U^K pattern detectors, one joint softmax over (key site, D), and context (or
+element) aggregation with U^V context aggregators. 'reference' is the paper's literal form,
+'fused' (default) is standard attention over D-fold convolved keys/values; class tokens,
+attention capture (`mutable=["intermediates"]`) and costs: docs/structsa.md.
 """
 
 from __future__ import annotations
@@ -67,7 +39,7 @@ class StructSAConfig:
   stride: int = 1                  # S, over H and W of the key/value grid; needs D > 0
   aggregation: str = "context"     # AGGREGATIONS: 'context' (eq. 5) or 'element' (eq. 4)
   init_noise: float = 0.02         # std of N(0, s^2) on the centre-tap U^K, U^V; 0: == SA at init
-  form: str = "fused"              # FORMS: 'fused' or 'reference' (module docstring)
+  form: str = "fused"              # FORMS: 'fused' or 'reference' (docs/structsa.md)
   attention_impl: str = "auto"     # ATTENTION_IMPLS (attention.py), the fused form's kernel
   depthwise_impl: str = "auto"     # DEPTHWISE_IMPLS (layers.py): the key/value convs, and every
                                    # other depthwise conv of the model (UniFormer)
@@ -95,9 +67,7 @@ class StructSAConfig:
 
 def centre_tap_init(noise_std: float = 0.0):
   """Initialiser for U^K / U^V of shape [*window, D, C]: 1 at the window's centre tap, 0
-  elsewhere, plus N(0, noise_std^2) noise. With noise_std = 0 StructSA computes exactly SA
-  (every structure channel sees the same key and value); a little noise breaks the symmetry
-  between the D channels when training from scratch."""
+  elsewhere, plus N(0, noise_std^2) noise (why: docs/structsa.md, Initialisation)."""
 
   def init(key, shape, dtype=jnp.float32):
     rank = len(shape) - 2
@@ -123,12 +93,9 @@ def _strides(rank: int, stride: int) -> tuple[int, ...]:
 
 def aggregated_weights(a_grid: Array, u_v: Array, grid: Sequence[int],
                        strides: Sequence[int]) -> Array:
-  """The final attention map of StructSA on the value grid (Fig. 4): the dynamic kernels
-  kappa_ij = sum_d A_i[j, d] U^V[:, d] of every key site j scattered back onto the sites they
-  read, W_i[j'] = sum_{j, d, m : S j + m - p = j'} A_i[j, d] U^V[m, d, c]; y_i = sum_j' W_i[j'] v_j'.
-
-  That is the transpose of the strided key/value convolution, done as one conv with lhs
-  dilation S. a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
+  """The final attention map W_i of StructSA on the value grid (Fig. 4; docs/structsa.md,
+  "Two implementations"): a transposed strided conv, one conv with lhs dilation S.
+  a_grid: [Q, *grid', heads, D] (Q queries, grid' the key grid); u_v: [*Mv, D, C]
   with C = heads * head_dim; grid: the value grid. Returns W [Q, *grid, C] in float32 (float64
   for float64 inputs).
   """

@@ -1,11 +1,7 @@
 """TimeSformer (Bertasius et al., ICML 2021): ViT video transformer, every attention scheme.
 
-Follows the official `timesformer/models/vit.py` (docs/official_weights.md):
-  * Frames are folded into the batch for the 16x16 patch conv (`patch_embed/proj`); the
-    square `pos_embed` [1, 1+N, C] is shared by all frames, `time_embed` [1, T, C] is added
-    per frame (not for 'space_only'). Both are sized at the construction grid (`img_size`,
-    `num_frames`) and resized in the forward pass with torch's 'nearest' rule (2-D on the
-    square position grid, 1-D in time) when the input grid differs.
+Follows the official `timesformer/models/vit.py` (parameters, embeddings and their
+nearest-rule resizing: docs/official_weights.md, "TimeSformer"):
   * The residual stream is [B, 1 + N*T, C]: the class token, then patch n of frame t at
     1 + n*T + t (space-major, time-minor), n = h*W + w.
   * Block = a chain of attention stages over groups of tokens, then the MLP. Every stage
@@ -27,22 +23,16 @@ Follows the official `timesformer/models/vit.py` (docs/official_weights.md):
   |                     | width: per (t, h), over W          |                                |
 
 'sparse_local_global' and 'axial' are not in the official code; they follow the paper's
-description (Sec. 3 and Fig. 2/3): L+G is local attention over the neighbouring
-F x H/2 x W/2 patches, then sparse global attention with stride 2 in time, height and
-width. We take "neighbouring" as a fixed partition into the four spatial quadrants (each
-spanning every frame), the block-local pattern of Sparse Transformers (Child et al. 2019)
-that the paper cites (a sliding window would cost as much as joint attention in dense
-form); the global stage groups the tokens whose (t, h, w) are congruent mod 2 (8 groups; 4
-when T = 1). It needs H and W even, and T even or 1. Axial attends over time, then
-width, then height. Names: L+G `local_{norm1,attn,fc}` then `norm1`/`attn`; axial
-`temporal_*`, `width_*`, then `norm1`/`attn` (height), so the last stage always has the
-names of the divided scheme's spatial attention and of the 2-D ViT a checkpoint is
-inflated from.
+description (Sec. 3 and Fig. 2/3). L+G's "neighbouring patches" are a fixed partition into
+the four spatial quadrants (each spanning every frame), the block-local pattern of Sparse
+Transformers (Child et al. 2019) that the paper cites (a sliding window would cost as much
+as joint attention in dense form); its global stage has 8 parity groups (4 when T = 1). It
+needs H and W even, and T even or 1. Names: L+G `local_{norm1,attn,fc}` then
+`norm1`/`attn`; axial `temporal_*`, `width_*`, then `norm1`/`attn` (height), so the last
+stage always has the names of the divided scheme's spatial attention and of the 2-D ViT a
+checkpoint is inflated from.
 
-Cost (ViT-B/16, 8x224, multiply-adds): the linear layers dominate (12 C^2 per token and
-block against 2 C per token pair for q K^T and A V; joint: 11.1 of 14.9 GMACs a block), so
-every extra stage adds 5 C^2 per token (qkv, proj, fc) while the attention maps shrink:
-space-only 140.5, joint 179.6, divided 195.8, L+G 206.9, axial 249.4 GFLOPs.
+Cost per scheme: docs/flops.md, "TimeSformer's attention schemes".
 
 T = 1 equalities (tests/test_timesformer.py), with shared weights:
   * divided == joint whenever every `temporal_fc` is zero (its init): temporal attention
