@@ -122,3 +122,14 @@ def test_export_class_names():
   from structvit_jax import export
   assert export.class_names(_config()) == list(motion.DIRECTIONS)
   assert export.input_spec(_config())["sampling"] == "dense"
+
+
+def test_gif_round_trip(tmp_path):
+  path = str(tmp_path / "up.gif")
+  motion.main([f"--out={path}", "--direction=up", "--coherence=1", "--seed=3"])
+  clip = motion.render_dots(motion.DIRECTIONS.index("up"), np.random.default_rng(3), FRAMES,
+                            SIZE, coherence=1.0)
+  import av
+  with av.open(path) as c:
+    decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+  np.testing.assert_array_equal(decoded, clip)

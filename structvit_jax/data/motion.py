@@ -19,6 +19,10 @@ Knobs (config.data): image_size, num_frames, coherence (share of dots moving coh
 each step; 1: all, 0: pure noise, chance), speed (pixels per frame), dot_density (dots per
 pixel). Like the other built-in datasets (synthetic.py) every example comes from
 `np.random.default_rng((seed, split_id, index))`: seeded, deterministic, splits disjoint.
+
+One clip as a lossless GIF (e.g. for `python -m structvit_jax.visualize --input=...`):
+
+  python -m structvit_jax.data.motion --out=right.gif --direction=right [--coherence=1]
 """
 
 from __future__ import annotations
@@ -103,3 +107,32 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool):
       **{k: float(data.get(k, v)) for k, v in DEFAULTS.items()})
   return pipeline.DatasetSpec(source, source.num_classes, (frames, size, size, 3),
                               (pipeline.Normalize(pipeline.VIDEO_MEAN, pipeline.VIDEO_STD),))
+
+
+def write_gif(path: str, clip: np.ndarray, frame_ms: int = 125) -> None:
+  """uint8 [T, H, W, 3] -> GIF, frame for frame (PyAV decodes it back unchanged)."""
+  from PIL import Image
+  frames = [Image.fromarray(f) for f in clip]
+  frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0,
+                 optimize=False, disposal=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(description="Write one synthetic_motion clip as a GIF.")
+  p.add_argument("--out", required=True)
+  p.add_argument("--direction", default="right", choices=DIRECTIONS)
+  p.add_argument("--size", type=int, default=32)
+  p.add_argument("--frames", type=int, default=8)
+  p.add_argument("--seed", type=int, default=0)
+  for k, v in DEFAULTS.items():
+    p.add_argument(f"--{k}", type=float, default=v)
+  a = p.parse_args(argv)
+  clip = render_dots(DIRECTIONS.index(a.direction), np.random.default_rng(a.seed), a.frames,
+                     a.size, **{k: getattr(a, k) for k in DEFAULTS})
+  write_gif(a.out, clip)
+  print(f"wrote {a.out}: {a.direction}, {clip.shape}")
+
+
+if __name__ == "__main__":
+  main()
