@@ -107,12 +107,14 @@ def model_cost(config) -> tuple[int, float]:
   return params, flops.count_model_macs(model, shape)["total"] / 1e9
 
 
-def run_one(config, workdir: str) -> tuple[float, float]:
-  """Trains and evaluates one config in a fresh workdir: (eval top-1, wall seconds)."""
+def run_one(config, workdir: str) -> tuple[float, float, float]:
+  """Trains and evaluates one config in a fresh workdir: (eval top-1, wall seconds, CPU
+  seconds of this process; on a shared machine the CPU time says what the run costs)."""
   from structvit_jax import train
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   _, results = train.train_and_evaluate(config, workdir)
-  return float(results["eval/top1"]), time.perf_counter() - start
+  return (float(results["eval/top1"]), time.perf_counter() - start,
+          time.process_time() - cpu)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -122,15 +124,17 @@ def summarize(runs: list[dict]) -> list[dict]:
     row = rows.setdefault((r["dataset"], r["variant"]), dict(
         dataset=r["dataset"], variant=r["variant"], d=r["d"], stride=r["stride"],
         aggregation=r["aggregation"], params=r["params"], gflops=r["gflops"], top1=[],
-        wall_s=[]))
+        wall_s=[], cpu_s=[]))
     row["top1"].append(r["top1"])
     row["wall_s"].append(r["wall_s"])
+    row["cpu_s"].append(r.get("cpu_s", 0.0))
   out = []
   for row in rows.values():
     t = row["top1"]
     out.append(dict(row, top1_mean=statistics.fmean(t),
                     top1_std=statistics.stdev(t) if len(t) > 1 else 0.0,
-                    wall_s_mean=statistics.fmean(row["wall_s"])))
+                    wall_s_mean=statistics.fmean(row["wall_s"]),
+                    cpu_s_mean=statistics.fmean(row["cpu_s"])))
   return out
 
 
@@ -140,18 +144,20 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines += [f"**{dataset}**" + (f" (coherence {header['coherence']})"
                                   if dataset == "synthetic_motion" else ""), "",
               "| variant | D | stride | aggregation | params | GFLOPs | top-1 (mean ± std) "
-              "| seeds | wall / run (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| seeds | wall / run (s) | CPU / run (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["dataset"] == dataset):
       lines.append(f"| {r['variant']} | {r['d']} | {r['stride']} | {r['aggregation']} | "
                    f"{r['params'] / 1e3:.1f}k | {r['gflops']:.4f} | "
                    f"{r['top1_mean']:.3f} ± {r['top1_std']:.3f} | {len(r['top1'])} | "
-                   f"{r['wall_s_mean']:.0f} |")
+                   f"{r['wall_s_mean']:.0f} | {r['cpu_s_mean']:.0f} |")
     lines.append("")
   lines.append(f"Chance 0.125. {header['steps']} steps of batch {header['batch']} "
                f"({header['frames']}x{header['image_size']}x{header['image_size']} clips), "
                f"eval on {header['eval_examples']} held-out clips; total wall "
-               f"{header['total_wall_s'] / 60:.1f} min on {header['machine']}.")
+               f"{header['total_wall_s'] / 60:.1f} min on {header['machine']} "
+               f"({header['runs_done']} runs; CPU = this process's user + system time; the "
+               f"first run of a variant includes its compiles).")
   return "\n".join(lines) + "\n"
 
 
@@ -227,34 +233,40 @@ def main(argv=None) -> dict:
                 eval_examples=args.eval_examples, model_kwargs=args.model_kwargs or {},
                 xla_opt=args.xla_opt)
   runs, start = [], time.perf_counter()
+  costs = {}
+  # Seed-major: a run cut short still has every variant of the first seeds.
   for dataset in args.datasets.split(","):
-    for variant in args.variants.split(","):
-      cost = None
-      for seed in range(args.seeds):
+    for seed in range(args.seeds):
+      for variant in args.variants.split(","):
         config = make_config(dataset, variant, seed, args)
-        if cost is None:
-          cost = model_cost(config)
+        if variant not in costs:
+          costs[variant] = model_cost(config)
+        cost = costs[variant]
         name = f"{dataset}/{variant.replace(' ', '_')}/seed{seed}"
         workdir = (os.path.join(args.keep_workdirs, name) if args.keep_workdirs
                    else tempfile.mkdtemp(prefix="table1_"))
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume
         os.makedirs(workdir)
         try:
-          top1, wall = run_one(config, workdir)
+          top1, wall, cpu = run_one(config, workdir)
         finally:
           if not args.keep_workdirs:
             shutil.rmtree(workdir, ignore_errors=True)
         d, stride, aggregation = VARIANTS[variant]
         runs.append(dict(dataset=dataset, variant=variant, seed=seed, d=d, stride=stride,
                          aggregation=aggregation, params=cost[0], gflops=cost[1], top1=top1,
-                         wall_s=wall))
-        print(f"{name}: top-1 {top1:.3f} in {wall:.0f} s", flush=True)
-  header["total_wall_s"] = time.perf_counter() - start
+                         wall_s=wall, cpu_s=cpu))
+        print(f"{name}: top-1 {top1:.3f} in {wall:.0f} s ({cpu:.0f} CPU s)", flush=True)
+        result = write(out, header, runs, time.perf_counter() - start)  # partial results too
+  print("\n" + markdown(result["rows"], result["header"]), flush=True)
+  return result
+
+
+def write(out: str, header: dict, runs: list[dict], total_wall_s: float) -> dict:
+  header = dict(header, total_wall_s=total_wall_s, runs_done=len(runs))
   rows = summarize(runs)
-  table = markdown(rows, header)
-  print("\n" + table)
   with open(os.path.join(out, "table1.md"), "w") as f:
-    f.write(f"<!-- {header['command']} ({header['date']}) -->\n\n{table}")
+    f.write(f"<!-- {header['command']} ({header['date']}) -->\n\n{markdown(rows, header)}")
   result = dict(header=header, rows=rows, runs=runs)
   with open(os.path.join(out, "table1.json"), "w") as f:
     json.dump(result, f, indent=1)
