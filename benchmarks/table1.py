@@ -168,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help=f"comma-separated, from: {', '.join(VARIANTS)}")
   p.add_argument("--datasets", default=",".join(DATASETS))
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--first_seed", type=int, default=0, help="seeds first_seed.. (to split the "
+                 "run over processes or machines; --merge joins the parts)")
+  p.add_argument("--merge", default=None, help="comma-separated table1.json files of parts of "
+                 "one run (same settings): write their joint table to --out, train nothing")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--warmup_steps", type=int, default=30)
   p.add_argument("--batch", type=int, default=16)
@@ -205,6 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.merge:
+    os.makedirs(args.out or os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
+    return merge(args.merge.split(","), args.out or os.path.join(REPO, "benchmarks", "results"))
   from absl import logging
   if not args.verbose:
     logging.set_verbosity(logging.WARNING)  # one line a run below instead of the trainer's
@@ -236,7 +243,7 @@ def main(argv=None) -> dict:
   costs = {}
   # Seed-major: a run cut short still has every variant of the first seeds.
   for dataset in args.datasets.split(","):
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
       for variant in args.variants.split(","):
         config = make_config(dataset, variant, seed, args)
         if variant not in costs:
@@ -275,3 +282,27 @@ def write(out: str, header: dict, runs: list[dict], total_wall_s: float) -> dict
 
 if __name__ == "__main__":
   main()
+
+
+def merge(paths: list[str], out: str) -> dict:
+  """Joins the runs of several parts of one table (e.g. one process per dataset)."""
+  parts = []
+  for path in paths:
+    with open(path) as f:
+      parts.append(json.load(f))
+  keys = ("steps", "batch", "lr", "warmup_steps", "image_size", "frames", "train_examples",
+          "eval_examples", "model_kwargs", "xla_opt")
+  for p in parts[1:]:
+    diff = [k for k in keys if p["header"][k] != parts[0]["header"][k]]
+    if diff:
+      raise ValueError(f"cannot merge parts with different settings: {diff}")
+  runs = [r for p in parts for r in p["runs"]]
+  header = dict(parts[0]["header"], command=" + ".join(p["header"]["command"] for p in parts),
+                parts=[p["header"] for p in parts],
+                coherence=next((p["header"]["coherence"] for p in parts if any(
+                    r["dataset"] == "synthetic_motion" for r in p["runs"])),
+                               parts[0]["header"]["coherence"]))
+  # Parts ran side by side: the run's wall time is the longest part's.
+  result = write(out, header, runs, max(p["header"]["total_wall_s"] for p in parts))
+  print(markdown(result["rows"], result["header"]), flush=True)
+  return result

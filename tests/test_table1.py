@@ -68,3 +68,28 @@ def test_variants_and_summary():
   assert rows[0]["wall_s_mean"] == pytest.approx(20.0)
   with pytest.raises(SystemExit):
     t.parse_args(["--variants=SA,StructSA D=9"])
+
+
+def test_merge_parts(tmp_path):
+  t = _load_script()
+  header = dict(command="c", date="d", machine="m", coherence=0.5, steps=3, batch=2, lr=1e-3,
+                warmup_steps=1, image_size=32, frames=4, train_examples=8, eval_examples=4,
+                model_kwargs={}, xla_opt=False)
+  run = dict(dataset="synthetic_motion", variant="SA", d=0, stride=1, aggregation="context",
+             params=10, gflops=0.5, wall_s=1.0, cpu_s=1.0)
+  for i, (seeds, wall) in enumerate([((0, 1), 50.0), ((2,), 70.0)]):
+    part = t.write(str(tmp_path), header, [dict(run, seed=s, top1=0.2 * (s + 1)) for s in seeds],
+                   wall)
+    (tmp_path / f"part{i}.json").write_text(json.dumps(part))
+  merged = t.main([f"--merge={tmp_path / 'part0.json'},{tmp_path / 'part1.json'}",
+                   f"--out={tmp_path / 'merged'}"])
+  (row,) = merged["rows"]
+  assert row["top1"] == pytest.approx([0.2, 0.4, 0.6]) and row["top1_mean"] == pytest.approx(0.4)
+  assert merged["header"]["total_wall_s"] == 70.0 and len(merged["runs"]) == 3
+  assert "0.400 ± 0.200 | 3 |" in (tmp_path / "merged" / "table1.md").read_text()
+  bad = json.loads((tmp_path / "part1.json").read_text())
+  bad["header"]["steps"] = 4
+  (tmp_path / "part1.json").write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match="steps"):
+    t.main([f"--merge={tmp_path / 'part0.json'},{tmp_path / 'part1.json'}",
+            f"--out={tmp_path / 'merged'}"])
