@@ -129,7 +129,9 @@ def summarize(runs: list[dict]) -> list[dict]:
     row["wall_s"].append(r["wall_s"])
     row["cpu_s"].append(r.get("cpu_s", 0.0))
   out = []
-  for row in rows.values():
+  order = lambda k, names: names.index(k) if k in names else len(names)  # noqa: E731
+  for _, row in sorted(rows.items(), key=lambda kv: (order(kv[0][0], DATASETS),
+                                                     order(kv[0][1], list(VARIANTS)))):
     t = row["top1"]
     out.append(dict(row, top1_mean=statistics.fmean(t),
                     top1_std=statistics.stdev(t) if len(t) > 1 else 0.0,
@@ -149,15 +151,18 @@ def markdown(rows: list[dict], header: dict) -> str:
     for r in (r for r in rows if r["dataset"] == dataset):
       lines.append(f"| {r['variant']} | {r['d']} | {r['stride']} | {r['aggregation']} | "
                    f"{r['params'] / 1e3:.1f}k | {r['gflops']:.4f} | "
-                   f"{r['top1_mean']:.3f} ± {r['top1_std']:.3f} | {len(r['top1'])} | "
+                   f"{r['top1_mean']:.3f} ± "
+                   f"{'-' if len(r['top1']) < 2 else format(r['top1_std'], '.3f')} | "
+                   f"{len(r['top1'])} | "
                    f"{r['wall_s_mean']:.0f} | {r['cpu_s_mean']:.0f} |")
     lines.append("")
   lines.append(f"Chance 0.125. {header['steps']} steps of batch {header['batch']} "
                f"({header['frames']}x{header['image_size']}x{header['image_size']} clips), "
                f"eval on {header['eval_examples']} held-out clips; total wall "
                f"{header['total_wall_s'] / 60:.1f} min on {header['machine']} "
-               f"({header['runs_done']} runs; CPU = this process's user + system time; the "
-               f"first run of a variant includes its compiles).")
+               f"({header['runs_done']} runs, {sum(sum(r['cpu_s']) for r in rows) / 60:.1f} "
+               f"CPU min; CPU = the process's user + system time; the first run of a variant "
+               f"includes its compiles).")
   return "\n".join(lines) + "\n"
 
 
@@ -280,9 +285,6 @@ def write(out: str, header: dict, runs: list[dict], total_wall_s: float) -> dict
   return result
 
 
-if __name__ == "__main__":
-  main()
-
 
 def merge(paths: list[str], out: str) -> dict:
   """Joins the runs of several parts of one table (e.g. one process per dataset)."""
@@ -306,3 +308,7 @@ def merge(paths: list[str], out: str) -> dict:
   result = write(out, header, runs, max(p["header"]["total_wall_s"] for p in parts))
   print(markdown(result["rows"], result["header"]), flush=True)
   return result
+
+
+if __name__ == "__main__":
+  main()
