@@ -99,6 +99,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   """From the dataset when it can say (synthetic sources, tfds label names), else None."""
   data = config.data
+  if data.name == "synthetic_motion":
+    from structvit_jax.data import motion
+    return list(motion.DIRECTIONS)
   if data.name.startswith("synthetic_"):
     from structvit_jax.data import synthetic
     return list(synthetic.IMAGE_CLASSES if data.name == "synthetic_image" else synthetic.MOTIONS)

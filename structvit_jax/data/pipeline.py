@@ -159,6 +159,11 @@ def _video(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetS
   return video.build_dataset(data, split, train)
 
 
+def _motion(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  from structvit_jax.data import motion  # random-dot kinematograms (motion.py)
+  return motion.build_dataset(data, split, train)
+
+
 def _images(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
   from structvit_jax.data import images  # imports tfds only when an image dataset is used
   return images.build_dataset(data, split, train)
@@ -167,6 +172,7 @@ def _images(data: ml_collections.ConfigDict, split: str, train: bool) -> Dataset
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str, bool], DatasetSpec]] = {
     "synthetic_image": _synthetic_image,
     "synthetic_video": _synthetic_video,
+    "synthetic_motion": _motion,
     # List file + video folder, decoded with PyAV (video.py).
     "kinetics400": _video,
     "ssv2": _video,
