@@ -48,8 +48,8 @@ COHERENCE = 0.5
 
 
 def structsa_kwargs(d: int, stride: int, aggregation: str) -> dict:
-  """The model fields of one StructSA variant (the one place that knows their names)."""
-  return dict(d=d, stride=stride, aggregation=aggregation)
+  """The model fields of one StructSA variant (models/structsa.py: StructSAConfig)."""
+  return dict(structsa=dict(d=d, stride=stride, aggregation=aggregation))
 
 
 def make_config(dataset: str, variant: str, seed: int, args: argparse.Namespace):
@@ -64,7 +64,10 @@ def make_config(dataset: str, variant: str, seed: int, args: argparse.Namespace)
   for k, v in structsa_kwargs(*VARIANTS[variant]).items():
     c.model.kwargs[k] = v
   for k, v in (args.model_kwargs or {}).items():  # ablations of the ablation (--model_kwargs)
-    c.model.kwargs[k] = v
+    if k == "structsa":  # e.g. {"structsa": {"init_noise": 0.3}}: on top of the variant's
+      c.model.kwargs.structsa.update(v)
+    else:
+      c.model.kwargs[k] = v
   c.data.name = dataset
   c.data.image_size = args.image_size
   c.data.num_frames = args.frames
@@ -190,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--speed", type=float, default=2.0)
   p.add_argument("--dot_density", type=float, default=0.08)
   p.add_argument("--model_kwargs", type=json.loads, default=None,
-                 help='extra model fields for every variant, JSON, e.g. \'{"kernel_size": 5}\'')
+                 help='extra model fields for every variant, JSON, e.g. \'{"structsa": {"kernel_size": 5}}\'')
   p.add_argument("--xla_opt", action="store_true",
                  help="full XLA optimisation (default off: on a CPU the compiles would cost "
                  "more than a few hundred steps gain)")
