@@ -159,18 +159,26 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
 # Library log lines that say nothing to a user: Orbax logs every save and restore step at
 # INFO (about 25 lines a checkpoint), warns that a sub-item has no _CHECKPOINT_METADATA when
 # a state directory is read on its own (export, predict: the step directory has it), and
-# that our jax.Array handler replaces its default (checkpoint.py does so on purpose).
+# that our jax.Array handler replaces its default (checkpoint.py does so on purpose). A
+# failed save (a full disk) makes each of its background threads log the same cause with a
+# traceback; checkpoint.py turns it into one error line, so Orbax's errors keep their one
+# line and lose the traceback (shown with --verbose).
 _QUIET_WARNINGS = ("Metadata file does not exist", "Type handler registry type")
 
 
 class _LibraryNoise:
-  """logging.Filter for the absl handler: drops the lines above."""
+  """logging.Filter for the absl handler: drops or shortens the lines above."""
+
+  def __init__(self, tracebacks: bool = False):
+    self.tracebacks = tracebacks
 
   def filter(self, record: Any) -> bool:
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
       return True
     if record.levelno < 30:  # below WARNING
       return False
+    if not self.tracebacks:
+      record.exc_info, record.exc_text = None, None
     return not str(record.msg).startswith(_QUIET_WARNINGS)
 
 
@@ -179,4 +187,4 @@ def quiet_library_logs() -> None:
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
-    handler.addFilter(_LibraryNoise())
+    handler.addFilter(_LibraryNoise(tracebacks=_verbose(sys.argv)))

@@ -54,6 +54,21 @@ def test_library_noise_is_filtered():
   assert f.filter(_record(ours, logging.INFO, "Checkpoint: saving step %s"))
 
 
+def test_library_errors_keep_one_line_and_lose_the_traceback_unless_verbose():
+  """A failed async save (full disk): each Orbax thread logs the cause with a traceback;
+  checkpoint.py reports it as one error line, so Orbax's keep only their message."""
+  orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
+  try:
+    raise OSError(28, "No space left on device")
+  except OSError:
+    import sys
+    exc = sys.exc_info()
+  for tracebacks in (False, True):
+    r = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save failed: %s", ("x",), exc)
+    assert errors._LibraryNoise(tracebacks=tracebacks).filter(r)
+    assert (r.exc_info is not None) == tracebacks
+
+
 def _png(path):
   from PIL import Image
   os.makedirs(os.path.dirname(path), exist_ok=True)
