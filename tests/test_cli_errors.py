@@ -1,43 +1,40 @@
 """Every user mistake on the command line is one `error:` line, no traceback, exit status 2
 (structvit_jax/errors.py).
 
-Each case runs the command's `__main__` in a forked child of this (already importing)
-process: the same code path as `python -m ...`, without a fresh interpreter and JAX import
-per case.
+Each case runs the command's `__main__` in a forked child of one fork-server process: the
+same code path as `python -m ...`, without a fresh interpreter and JAX import per case. The
+server is a fresh interpreter that imports but never initialises a JAX backend (a fork of a
+process whose XLA thread pools run, such as a pytest worker after other tests, can hang).
 """
 
+import json
 import os
-import runpy
+import subprocess
 import sys
-import traceback
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-FAST_COMPILES = True  # visualize --head=7 runs a tiny model before it can name the heads
 
-
-def run_cli(module: str, args: list[str], out_path: str) -> tuple[int, str]:
-  """(exit status, stdout + stderr) of `python -m module *args`, run in a fork."""
-  import jax  # noqa: F401  (imported once here, before the fork)
-  import tensorflow_datasets  # noqa: F401
-  from structvit_jax import train  # noqa: F401
+_SERVER = r"""
+import json, os, runpy, sys, traceback
+import jax, tensorflow_datasets  # noqa: F401  (imported once, before the forks)
+from structvit_jax import train  # noqa: F401
+for line in sys.stdin:
+  req = json.loads(line)
   pid = os.fork()
-  if pid == 0:  # the child: never returns into pytest
+  if pid == 0:  # the child: runs `python -m module *args`, never returns into the loop
     code = 70
     try:
-      fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+      fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
       os.dup2(fd, 1)
       os.dup2(fd, 2)
       sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
       sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
-      os.chdir(REPO)
-      from absl import flags  # the module's flags, if this process imported it already
-      for flag in flags.FLAGS.flags_by_module_dict().get(module, []):
-        delattr(flags.FLAGS, flag.name)
-      sys.argv = [module, *args]
-      runpy.run_module(module, run_name="__main__", alter_sys=True)
+      sys.stdin = open(os.devnull)
+      sys.argv = [req["module"], *req["args"]]
+      runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
       code = 0
     except SystemExit as e:
       if isinstance(e.code, int) or e.code is None:
@@ -52,8 +49,29 @@ def run_cli(module: str, args: list[str], out_path: str) -> tuple[int, str]:
       sys.stderr.flush()
       os._exit(code)
   _, status = os.waitpid(pid, 0)
+  print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+  proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=REPO, text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          # cheap compiles: visualize --head=7 runs a tiny model
+                          env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                   JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
+  yield proc
+  proc.stdin.close()
+  proc.wait(timeout=60)
+
+
+def run_cli(server, module: str, args: list[str], out_path: str) -> tuple[int, str]:
+  """(exit status, stdout + stderr) of `python -m module *args`, run in a fork."""
+  server.stdin.write(json.dumps(dict(module=module, args=args, out=out_path)) + "\n")
+  server.stdin.flush()
+  code = json.loads(server.stdout.readline())
   with open(out_path) as f:
-    return os.waitstatus_to_exitcode(status), f.read()
+    return code, f.read()
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +147,9 @@ CASES = [
 
 @pytest.mark.parametrize("module,args,status,words", CASES,
                          ids=[f"{m.split('.')[-1]}:{' '.join(a[-1:])}" for m, a, _, _ in CASES])
-def test_bad_invocation_is_one_error_line(files, module, args, status, words):
+def test_bad_invocation_is_one_error_line(server, files, module, args, status, words):
   args = [a.format(d=files) for a in args]
-  code, out = run_cli(module, args, str(files / "out.txt"))
+  code, out = run_cli(server, module, args, str(files / "out.txt"))
   errors = [line for line in out.splitlines() if line.startswith("error:")]
   assert "Traceback" not in out, out[-3000:]
   assert len(errors) == 1, out[-3000:]
@@ -139,8 +157,8 @@ def test_bad_invocation_is_one_error_line(files, module, args, status, words):
   assert all(w in errors[0] for w in words), errors[0]
 
 
-def test_verbose_shows_the_traceback(files):
-  code, out = run_cli(MAIN, DEMO + [f"--workdir={files}/w", "--config.batch_size=0",
+def test_verbose_shows_the_traceback(server, files):
+  code, out = run_cli(server, MAIN, DEMO + [f"--workdir={files}/w", "--config.batch_size=0",
                                     "--verbose"], str(files / "out.txt"))
   assert code == 2 and "Traceback" in out and out.count("\nerror:") + out.startswith(
       "error:") == 1, out[-3000:]
