@@ -38,8 +38,9 @@ def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str
   """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
   import jax
   from structvit_jax import train
+  from structvit_jax.data.preprocessing import eval_spec
   model = train.build_model(config, num_classes)
-  spec = input_spec(config)
+  spec = eval_spec(config.data)
   size = spec["image_size"]
   shape = ((spec["num_frames"], size, size, 3) if spec["num_frames"] > 0
            else (size, size, 3))

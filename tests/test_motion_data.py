@@ -120,8 +120,9 @@ def test_create_input():
 
 def test_export_class_names():
   from structvit_jax import export
+  from structvit_jax.data.preprocessing import eval_spec
   assert export.class_names(_config()) == list(motion.DIRECTIONS)
-  assert export.input_spec(_config())["sampling"] == "dense"
+  assert eval_spec(_config().data)["sampling"] == "dense"
 
 
 def test_gif_round_trip(tmp_path):

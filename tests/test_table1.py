@@ -50,12 +50,13 @@ def test_quick(tmp_path):
 
 def test_variants_and_summary():
   t = _load_script()
-  assert t.structsa_kwargs(*t.VARIANTS["ConvSA"]) == dict(d=1, stride=1, aggregation="context")
+  assert t.structsa_kwargs(*t.VARIANTS["ConvSA"]) == dict(
+      structsa=dict(d=1, stride=1, aggregation="context"))
   assert t.VARIANTS["SA"][0] == 0 and t.VARIANTS["StructSA D=4 stride 2"][:2] == (4, 2)
   args = t.parse_args([])
   assert args.seeds == 3 and args.coherence == t.COHERENCE
   c = t.make_config("synthetic_motion", "StructSA D=4", 2, args)
-  assert (c.seed, c.model.kwargs.d, c.data.coherence, c.num_train_steps) == (2, 4,
+  assert (c.seed, c.model.kwargs.structsa.d, c.data.coherence, c.num_train_steps) == (2, 4,
                                                                               t.COHERENCE,
                                                                               args.steps)
   run = dict(dataset="x", variant="SA", d=0, stride=1, aggregation="context", params=10,
