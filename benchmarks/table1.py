@@ -117,8 +117,45 @@ def run_one(config, workdir: str) -> tuple[float, float, float]:
   from structvit_jax import train
   start, cpu = time.perf_counter(), time.process_time()
   _, results = train.train_and_evaluate(config, workdir)
+  if "eval/top1" not in results:  # e.g. SIGTERM: the trainer saved and stopped early
+    raise RuntimeError(f"the run in {workdir} stopped before its final evaluation "
+                       f"(interrupted?); its results: {sorted(results)}")
   return (float(results["eval/top1"]), time.perf_counter() - start,
           time.process_time() - cpu)
+
+
+def setup_process(args: argparse.Namespace) -> None:
+  """Logging and JAX settings of a process that trains runs (the main one or a --jobs
+  worker)."""
+  from absl import logging
+  if not args.verbose:
+    logging.set_verbosity(logging.WARNING)  # one line a run instead of the trainer's
+  import jax
+  if not args.xla_opt:
+    jax.config.update("jax_disable_most_optimizations", True)
+  if not jax.config.jax_compilation_cache_dir:
+    # Seeds (and the two datasets: same shapes, same class count) share each variant's
+    # compiled steps: only the first run of a variant pays the compile.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(tempfile.gettempdir(), "table1_jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def run_task(dataset: str, variant: str, seed: int, args: argparse.Namespace,
+             workdir: str) -> dict:
+  """One run of the table in a fresh workdir (removed afterwards unless --keep_workdirs)."""
+  config = make_config(dataset, variant, seed, args)
+  shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume
+  os.makedirs(workdir)
+  try:
+    top1, wall, cpu = run_one(config, workdir)
+  finally:
+    if not args.keep_workdirs:
+      shutil.rmtree(workdir, ignore_errors=True)
+  d, stride, aggregation = VARIANTS[variant]
+  return dict(dataset=dataset, variant=variant, seed=seed, d=d, stride=stride,
+              aggregation=aggregation, top1=top1, wall_s=wall, cpu_s=cpu)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -164,7 +201,7 @@ def markdown(rows: list[dict], header: dict) -> str:
                f"({header['frames']}x{header['image_size']}x{header['image_size']} clips), "
                f"eval on {header['eval_examples']} held-out clips; total wall "
                f"{header['total_wall_s'] / 60:.1f} min on {header['machine']} "
-               f"({header['runs_done']} runs, {sum(sum(r['cpu_s']) for r in rows) / 60:.1f} "
+               f"({header['runs_done']} runs, {header.get('jobs', 1)} at a time, {sum(sum(r['cpu_s']) for r in rows) / 60:.1f} "
                f"CPU min; CPU = the process's user + system time; the first run of a variant "
                f"includes its compiles).")
   return "\n".join(lines) + "\n"
@@ -197,6 +234,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--xla_opt", action="store_true",
                  help="full XLA optimisation (default off: on a CPU the compiles would cost "
                  "more than a few hundred steps gain)")
+  p.add_argument("--jobs", type=int, default=None,
+                 help="runs trained side by side, each in its own process (default: one per "
+                 "CPU core, at most 8; 1 with --quick). A run of this small model keeps about "
+                 "one core busy, so on 2 cores 2 jobs nearly halve the wall time")
   p.add_argument("--verbose", action="store_true", help="the trainer's log lines too")
   p.add_argument("--out", default=None, help="directory for table1.md / table1.json "
                  "(default: benchmarks/results, or a temporary one with --quick)")
@@ -213,6 +254,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variants, args.seeds, args.steps, args.warmup_steps = "SA,StructSA D=2", 1, 2, 1
     args.image_size, args.frames, args.train_examples, args.eval_examples = 32, 4, 32, 16
     args.batch = 8
+  if args.jobs is None:
+    args.jobs = 1 if args.quick else max(1, min(8, os.cpu_count() or 1))
+  if args.jobs < 1:
+    p.error(f"--jobs={args.jobs}: must be at least 1")
   return args
 
 
@@ -221,19 +266,8 @@ def main(argv=None) -> dict:
   if args.merge:
     os.makedirs(args.out or os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     return merge(args.merge.split(","), args.out or os.path.join(REPO, "benchmarks", "results"))
-  from absl import logging
-  if not args.verbose:
-    logging.set_verbosity(logging.WARNING)  # one line a run below instead of the trainer's
+  setup_process(args)
   import jax
-  if not args.xla_opt:
-    jax.config.update("jax_disable_most_optimizations", True)
-  if not jax.config.jax_compilation_cache_dir:
-    # Seeds (and the two datasets: same shapes, same class count) share each variant's
-    # compiled steps: only the first run of a variant pays the compile.
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(tempfile.gettempdir(), "table1_jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   out = args.out or (os.path.join(tempfile.gettempdir(), "table1_quick") if args.quick
                      else os.path.join(REPO, "benchmarks", "results"))
   os.makedirs(out, exist_ok=True)
@@ -248,32 +282,47 @@ def main(argv=None) -> dict:
                 frames=args.frames, train_examples=args.train_examples,
                 eval_examples=args.eval_examples, model_kwargs=args.model_kwargs or {},
                 xla_opt=args.xla_opt)
-  runs, start = [], time.perf_counter()
-  costs = {}
-  # Seed-major: a run cut short still has every variant of the first seeds.
-  for dataset in args.datasets.split(","):
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-      for variant in args.variants.split(","):
-        config = make_config(dataset, variant, seed, args)
-        if variant not in costs:
-          costs[variant] = model_cost(config)
-        cost = costs[variant]
-        name = f"{dataset}/{variant.replace(' ', '_')}/seed{seed}"
-        workdir = (os.path.join(args.keep_workdirs, name) if args.keep_workdirs
-                   else tempfile.mkdtemp(prefix="table1_"))
-        shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume
-        os.makedirs(workdir)
-        try:
-          top1, wall, cpu = run_one(config, workdir)
-        finally:
-          if not args.keep_workdirs:
-            shutil.rmtree(workdir, ignore_errors=True)
-        d, stride, aggregation = VARIANTS[variant]
-        runs.append(dict(dataset=dataset, variant=variant, seed=seed, d=d, stride=stride,
-                         aggregation=aggregation, params=cost[0], gflops=cost[1], top1=top1,
-                         wall_s=wall, cpu_s=cpu))
-        print(f"{name}: top-1 {top1:.3f} in {wall:.0f} s ({cpu:.0f} CPU s)", flush=True)
-        result = write(out, header, runs, time.perf_counter() - start)  # partial results too
+  header["jobs"] = args.jobs
+  # Seed-major: a run cut short still has every variant of the first seeds, and the runs side
+  # by side are different variants.
+  tasks = [(dataset, variant, seed) for dataset in args.datasets.split(",")
+           for seed in range(args.first_seed, args.first_seed + args.seeds)
+           for variant in args.variants.split(",")]
+  costs = {v: model_cost(make_config(tasks[0][0], v, 0, args))
+           for v in dict.fromkeys(t[1] for t in tasks)}
+  runs, start, result = [], time.perf_counter(), None
+
+  def workdir_of(dataset: str, variant: str, seed: int) -> str:
+    name = f"{dataset}/{variant.replace(' ', '_')}/seed{seed}"
+    return (os.path.join(args.keep_workdirs, name) if args.keep_workdirs
+            else tempfile.mkdtemp(prefix="table1_"))
+
+  def done(run: dict) -> dict:
+    run.update(params=costs[run["variant"]][0], gflops=costs[run["variant"]][1])
+    runs.append(run)
+    runs.sort(key=lambda r: tasks.index((r["dataset"], r["variant"], r["seed"])))
+    print(f"{run['dataset']}/{run['variant'].replace(' ', '_')}/seed{run['seed']}: top-1 "
+          f"{run['top1']:.3f} in {run['wall_s']:.0f} s ({run['cpu_s']:.0f} CPU s)", flush=True)
+    return write(out, header, runs, time.perf_counter() - start)  # partial results too
+
+  if args.jobs == 1:
+    for task in tasks:
+      result = done(run_task(*task, args, workdir_of(*task)))
+  else:
+    import concurrent.futures
+    import multiprocessing
+    # Worker processes are spawned: a fork of a process whose JAX runtime has started can hang.
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=setup_process, initargs=(args,)) as pool:
+      futures = [pool.submit(run_task, *task, args, workdir_of(*task)) for task in tasks]
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          result = done(future.result())
+      except BaseException:
+        for f in futures:
+          f.cancel()
+        raise
   print("\n" + markdown(result["rows"], result["header"]), flush=True)
   return result
 

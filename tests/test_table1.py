@@ -27,11 +27,14 @@ def test_quick(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
   env.pop("XLA_FLAGS", None)
-  p = subprocess.run([sys.executable, SCRIPT, "--quick", f"--out={tmp_path}"], env=env,
+  # --jobs=2: two spawned worker processes, the path of the default (non-quick) run.
+  p = subprocess.run([sys.executable, SCRIPT, "--quick", "--jobs=2", f"--out={tmp_path}"],
+                     env=env,
                      cwd=REPO, capture_output=True, text=True, timeout=1200)
   assert p.returncode == 0, f"rc {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}"
   result = json.loads((tmp_path / "table1.json").read_text())
   assert result["header"]["steps"] == 2 and "--quick" in result["header"]["command"]
+  assert result["header"]["jobs"] == 2
   got = [(r["dataset"], r["variant"]) for r in result["rows"]]
   assert got == [("synthetic_motion", "SA"), ("synthetic_motion", "StructSA D=2"),
                  ("synthetic_video", "SA"), ("synthetic_video", "StructSA D=2")]
@@ -54,7 +57,8 @@ def test_variants_and_summary():
       structsa=dict(d=1, stride=1, aggregation="context"))
   assert t.VARIANTS["SA"][0] == 0 and t.VARIANTS["StructSA D=4 stride 2"][:2] == (4, 2)
   args = t.parse_args([])
-  assert args.seeds == 3 and args.coherence == t.COHERENCE
+  assert args.seeds == 3 and args.coherence == t.COHERENCE and args.jobs >= 1
+  assert t.parse_args(["--quick"]).jobs == 1
   c = t.make_config("synthetic_motion", "StructSA D=4", 2, args)
   assert (c.seed, c.model.kwargs.structsa.d, c.data.coherence, c.num_train_steps) == (2, 4,
                                                                               t.COHERENCE,
@@ -69,6 +73,8 @@ def test_variants_and_summary():
   assert rows[0]["wall_s_mean"] == pytest.approx(20.0)
   with pytest.raises(SystemExit):
     t.parse_args(["--variants=SA,StructSA D=9"])
+  with pytest.raises(SystemExit):
+    t.parse_args(["--jobs=0"])
 
 
 def test_merge_parts(tmp_path):
