@@ -56,6 +56,13 @@ def test_ssv2_lists_labels_by_template_and_reports_missing(ssv2):
   assert (data / "train.csv.missing.txt").read_text() == "5\n"
   assert not (data / "val.csv.missing.txt").exists()
   assert "2 of 3 videos; 1 not found (e.g. 5;" in video_lists.summary(written)
+  # --classes: the order of a template list (UniFormer's category.txt form), no labels.json.
+  cats = ann / "category.txt"
+  cats.write_text("Putting [something] on a surface\nApproaching [something] with your camera\n"
+                  "Holding [something]\n")
+  video_lists.convert("ssv2", str(data), {"t.csv": str(ann / "something-something-v2-train.json")},
+                      labels="/nonexistent", classes=str(cats))
+  assert (data / "t.csv").read_text() == "videos/78687.webm 1\nvideos/6.webm 2\n"
   # The lists read as the pipeline reads them.
   assert video.read_list(str(data / "train.csv"), str(data), 174) == [
       (str(data / "videos/78687.webm"), 1), (str(data / "videos/6.webm"), 0)]
@@ -70,7 +77,7 @@ def test_ssv2_errors_are_clear(ssv2, tmp_path):
     video_lists.convert("ssv2", str(data), {"train.csv": str(test)})
   other = tmp_path / "labels.json"
   other.write_text(json.dumps({"Holding something": "0"}))
-  with pytest.raises(errors.UserError, match="2 template.*not in the label file, e.g. "
+  with pytest.raises(errors.UserError, match="2 template.*not among the classes, e.g. "
                      r"\['Approaching something with your camera'"):
     video_lists.convert("ssv2", str(data), {"train.csv": train}, labels=str(other))
   with pytest.raises(errors.UserError, match="labels.json not found: pass --labels"):
@@ -162,7 +169,7 @@ def test_cli_writes_the_lists(k400):
   out = subprocess.run(
       [sys.executable, "-m", "structvit_jax.data.video_lists", "--dataset=kinetics400",
        f"--data_dir={data}", f"--train={ann / 'train.csv'}", f"--val={ann / 'validate.csv'}"],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
+      capture_output=True, text=True, cwd=REPO, timeout=300)
   assert out.returncode == 0, out.stderr
   assert f"{data / 'train.csv'}: 2 of 3 videos; 1 not found (e.g. gone_000000_000010;" in out.stdout
   assert "note: 3 classes in the given CSVs (Kinetics-400 has 400)" in out.stderr

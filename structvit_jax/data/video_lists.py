@@ -12,7 +12,9 @@ the video configs read) and DATA_DIR/classes.txt (the class names in label order
 with any video extension:
 - SSv2: `<id>.webm` (any extension). Labels: SlowFast's ssv2 rule: the entry's `template`
   with its brackets removed, looked up in something-something-v2-labels.json (default: the
-  one next to --train).
+  one next to --train), or its position in --classes (brackets removed there too; e.g.
+  UniFormer's data_list/sthv2/category.txt, the bracketed templates sorted, which orders a
+  few classes differently).
 - Kinetics-400 (`label,youtube_id,time_start,time_end,split[,is_cc]`):
   `<youtube_id>_<start:06d>_<end:06d>` (the ActivityNet crawler's name) or `<youtube_id>`.
   Labels: the sorted class names of the given CSVs (mmaction's order), or the order of
@@ -97,9 +99,9 @@ def ssv2_entries(annotation_json: str, classes: Sequence[str]) -> list[Entry]:
       continue
     out.append(Entry((str(v["id"]),), index[name]))
   if unknown:
-    raise errors.UserError(f"{annotation_json}: {len(unknown)} template(s) not in the label "
-                           f"file, e.g. {sorted(unknown)[:3]}: is --labels the file of the same "
-                           f"release?")
+    raise errors.UserError(f"{annotation_json}: {len(unknown)} template(s) not among the "
+                           f"classes, e.g. {sorted(unknown)[:3]}: is --labels (or --classes) "
+                           f"of the same release?")
   return out
 
 
@@ -214,7 +216,10 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
     if os.path.exists(out) and os.path.samefile(out, src):
       raise errors.UserError(f"{src} would be overwritten by the list {name}: keep the "
                              f"annotations outside --data_dir or under another name")
-  if dataset == "ssv2":
+  if dataset == "ssv2" and classes:
+    names = [n.replace("[", "").replace("]", "") for n in read_classes(classes)]
+    entries = {n: ssv2_entries(src, names) for n, src in annotations.items()}
+  elif dataset == "ssv2":
     labels = labels or os.path.join(os.path.dirname(next(iter(annotations.values()))),
                                     SSV2_LABELS)
     if not os.path.isfile(labels):
@@ -270,8 +275,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("train_list", "train.csv", "Name of the train list written.")
   flags.DEFINE_string("val_list", "val.csv", "Name of the validation list written.")
   flags.DEFINE_string("labels", None, f"SSv2: {SSV2_LABELS} (default: next to --train).")
-  flags.DEFINE_string("classes", None, "Kinetics: class order (one name a line, or "
-                      "'name<TAB>index'); default: the sorted class names.")
+  flags.DEFINE_string("classes", None, "Class order (one name a line, or 'name<TAB>index'); "
+                      "default: Kinetics: the sorted class names; SSv2: --labels.")
   flags.DEFINE_string("videos", None, "Sub-directory of --data_dir to search for the videos.")
   flags.mark_flags_as_required(["dataset", "data_dir"])
 
