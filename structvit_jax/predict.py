@@ -3,9 +3,10 @@
   python -m structvit_jax.predict --model=EXPORT [--views=eval|single|CxK] FILE...
 
 A video is scored as evaluation scores it: the softmax averaged over the export's test views
-(clips x crops; --views=single: the centre clip and crop only). Prints, per file, `FILE` and then `  prob  class` lines, best first. A file that cannot be
-read (missing, corrupt, wrong kind) gets one `error: FILE: why` line on stderr; the others
-are still predicted, and the exit status is 1.
+(clips x crops; --views=single: the centre clip and crop only). Prints, per file, `FILE` and
+then `  prob  class` lines, best first. A file that cannot be read (missing, corrupt, wrong
+kind) gets one `error: FILE: why` line on stderr; the others are still predicted, and the
+exit status is 1.
 """
 
 from __future__ import annotations
