@@ -128,7 +128,7 @@ def _head_classes(params: Any) -> int:
 def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True) -> str:
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
-  from structvit_jax.data.preprocessing import eval_spec
+  from structvit_jax.data.preprocessing import eval_spec, eval_views
   if os.path.exists(out) and not os.path.isdir(out):
     raise ExportError(f"--out={out} is a file; give a new directory (or an earlier export "
                       "to replace)")
@@ -154,7 +154,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   kwargs = train.model_kwargs(config, num_classes)
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
-                        eval_spec(config.data), names,
+                        {**eval_spec(config.data), **eval_views(config.data)}, names,
                         source=f"{os.path.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
   return (f"exported {config.model.name} step {step} ({'EMA' if ema else 'raw'} params, "
           f"{num_classes} classes) from {workdir} to {out}")

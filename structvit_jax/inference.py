@@ -6,11 +6,14 @@ Export layout (written by `python -m structvit_jax.export` and `structvit_jax.co
   EXPORT_DIR/model.json  {"format": "structvit_jax.export/1", "model": preset name,
                           "kwargs": get_model overrides (num_classes included, dtype a string),
                           "input": {"kind": "image"|"video", "image_size", "num_frames",
-                                    "mean", "std", "crop_ratio", "sampling", "sampling_rate"},
+                                    "mean", "std", "crop_ratio", "sampling", "sampling_rate",
+                                    "test_clips", "test_crops"},
                           "class_names": [...] or null, "source": free text}
 
 `Predictor.logits(x)` runs the model in eval mode on preprocessed float arrays (NHWC images,
-NTHWC clips); `predict(inputs)` adds the eval preprocessing (files or uint8 arrays).
+NTHWC clips); `predict(inputs)` adds the eval preprocessing (files or uint8 arrays). A video
+is scored as evaluation scores it: the softmax averaged over its test_clips x test_crops
+views (1 x 1 in exports that do not record them; `views=` chooses others).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _INPUT_KEYS = ("kind", "image_size", "mean", "std")  # num_frames: 0 (images) if
 _VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
 
 Input = str | os.PathLike | np.ndarray
+Views = str | tuple[int, int]  # 'eval' (the export's), 'single' (1 x 1), (clips, crops), 'CxK'
 
 
 class InputError(ValueError):
@@ -55,6 +59,11 @@ def _check_input_spec(spec: dict[str, Any]) -> dict[str, Any]:
       raise ValueError("a video input spec needs num_frames > 0")
     out.setdefault("sampling", "dense")
     out.setdefault("sampling_rate", 1)
+    out["test_clips"] = int(out.get("test_clips", 1))   # exports before views: one view
+    out["test_crops"] = int(out.get("test_crops", 1))
+    if min(out["test_clips"], out["test_crops"]) < 1:
+      raise ValueError(f"test_clips and test_crops must be >= 1, got {out['test_clips']} x "
+                       f"{out['test_crops']}")
     if out["sampling"] not in ("dense", "segment"):
       raise ValueError(f"sampling must be 'dense' or 'segment', got {out['sampling']!r}")
   return out
@@ -159,19 +168,19 @@ def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
   return np.asarray(im, np.uint8)
 
 
-def _video(x: Input, spec: dict[str, Any]) -> np.ndarray:
+def _video(x: Input, spec: dict[str, Any], clips: int = 1, crops: int = 1) -> np.ndarray:
   """uint8 TxHxWx3 (array = all frames of a video, or a file decoded with PyAV) -> the
-  single test view of the eval pipeline (video.ClipConfig.test_view)."""
+  clips x crops test views [V, T, S, S, 3] of the eval pipeline (video.ClipConfig)."""
   from structvit_jax.data import video
   if isinstance(x, np.ndarray) and (x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8
                                     or not len(x)):
     raise InputError(f"a clip array must be uint8 TxHxWx3, got {x.dtype} {x.shape}")
   cfg = video.ClipConfig(spec["num_frames"], spec["image_size"], spec["sampling"],
-                         spec["sampling_rate"])
+                         spec["sampling_rate"], clips, crops)
   if isinstance(x, np.ndarray):
-    return cfg.test_view(x)
+    return cfg.test_views(x)
   try:
-    return cfg.test_view(os.fspath(x))
+    return cfg.test_views(os.fspath(x))
   except video.BAD_ERRORS as e:
     raise InputError(f"cannot read video {os.fspath(x)}: {type(e).__name__}: {e}") from None
 
@@ -209,13 +218,55 @@ class Predictor:
 
   def preprocess_one(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> float32 model input; InputError if unreadable."""
+    return self._normalize(self.read(x))
+
+  def _normalize(self, x: np.ndarray) -> np.ndarray:
     from structvit_jax.data.pipeline import Normalize  # the eval pipeline's exact op
     return Normalize(self.input_spec["mean"], self.input_spec["std"]).map(
-        {"image": self.read(x)})["image"]
+        {"image": x})["image"]
+
+  def view_grid(self, views: Views = "eval") -> tuple[int, int]:
+    """(clips, crops) of `views` (a video's test views; (1, 1) for images): 'eval' the
+    export's (as evaluation), 'single' 1 x 1 (the centre clip and crop), or (clips,
+    crops) / 'CxK'."""
+    spec = self.input_spec
+    if views == "eval":
+      grid = (spec.get("test_clips", 1), spec.get("test_crops", 1))
+    elif views == "single":
+      grid = (1, 1)
+    else:
+      try:
+        grid = tuple(int(v) for v in (views.lower().split("x") if isinstance(views, str)
+                                      else views))
+        if len(grid) != 2 or min(grid) < 1:
+          raise ValueError
+      except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"views={views!r}: 'eval', 'single', or clips x crops such as "
+                         f"'4x3' (both >= 1)") from None
+    return grid if spec["kind"] == "video" else (1, 1)
+
+  def read_views(self, x: Input, views: Views = "eval") -> np.ndarray:
+    """`read` for every view of `view_grid(views)`: uint8 [V, ...] in the eval pipeline's
+    view order (clip * crops + crop); an image has one view."""
+    clips, crops = self.view_grid(views)
+    if self.input_spec["kind"] == "image" or (clips, crops) == (1, 1):
+      return self.read(x)[None]
+    self._check_file(x)
+    return _video(x, self.input_spec, clips, crops)
+
+  def preprocess_views(self, x: Input, views: Views = "eval") -> np.ndarray:
+    """float32 model inputs [V, ...] of every view of one input (read_views, normalised)."""
+    return self._normalize(self.read_views(x, views))
 
   def read(self, x: Input) -> np.ndarray:
     """One file path or uint8 array -> the uint8 image / clip the model sees (resized,
-    cropped, frames sampled), before normalisation; InputError if unreadable."""
+    cropped, frames sampled; a video's centre clip and crop), before normalisation;
+    InputError if unreadable."""
+    spec = self.input_spec
+    self._check_file(x)
+    return _image(x, spec) if spec["kind"] == "image" else _video(x, spec)[0]
+
+  def _check_file(self, x: Input) -> None:
     spec = self.input_spec
     if not isinstance(x, np.ndarray):
       if not os.path.exists(x):
@@ -224,7 +275,6 @@ class Predictor:
         raise InputError(f"cannot read {os.fspath(x)}: not a file")
       if spec["kind"] == "image" and os.fspath(x).lower().endswith(_VIDEO_EXTS):
         raise InputError(f"{os.fspath(x)}: a video file, but this model takes images")
-    return _image(x, spec) if spec["kind"] == "image" else _video(x, spec)
 
   def preprocess(self, inputs: Sequence[Input]) -> np.ndarray:
     return np.stack([self.preprocess_one(x) for x in inputs])
@@ -241,20 +291,31 @@ class Predictor:
       out.append(self.logits(chunk)[:n])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
-  def predict(self, inputs: Sequence[Input] | Input, batch_size: int = 32) -> np.ndarray:
+  def predict(self, inputs: Sequence[Input] | Input, batch_size: int = 32,
+              views: Views = "eval") -> np.ndarray:
     """Probabilities [N, classes] of file paths or uint8 arrays (HxWx3 images / TxHxWx3
-    clips, a clip holding all frames of a video), with the eval preprocessing."""
+    clips, a clip holding all frames of a video), with the eval preprocessing; a video's
+    are the softmax averaged over its views (view_grid)."""
     if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, np.ndarray)
                                                    and inputs.dtype == np.uint8
                                                    and inputs.ndim == len(self.input_shape)):
       inputs = [inputs]
-    logits = self.logits_batched(self.preprocess(list(inputs)), batch_size)
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
+    x = [self.preprocess_views(v, views) for v in inputs]
+    return self.mean_probs(self.logits_batched(np.concatenate(x), batch_size) if x else
+                           np.zeros((0, len(self.class_names)), np.float32), len(x))
 
-  def top_k(self, inputs: Sequence[Input] | Input, k: int = 5
+  @staticmethod
+  def mean_probs(logits: np.ndarray, n: int) -> np.ndarray:
+    """Probabilities [n, classes] of logits [n * V, classes] (V views per input, in order):
+    the softmax averaged over each input's views (SlowFast/UniFormer sum them; the mean
+    ranks alike and stays a distribution)."""
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    return probs.reshape(n, -1, probs.shape[-1]).mean(1) if n else probs
+
+  def top_k(self, inputs: Sequence[Input] | Input, k: int = 5, views: Views = "eval"
             ) -> list[list[tuple[str, float]]]:
     """For each input, the k most probable (class name, probability), best first."""
-    return self.top_k_of(self.predict(inputs), k)
+    return self.top_k_of(self.predict(inputs, views=views), k)
 
   def top_k_of(self, probs: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
     k = min(k, probs.shape[-1])

@@ -12,7 +12,9 @@ prepare.py build one split at a time and resume after an interruption.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import os
 import re
@@ -28,19 +30,45 @@ _TFDS_IMAGENET = "datasets/imagenet2012"  # label names / validation labels ship
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-  """One image to write: a file, or a member of a tar file (`member` set)."""
+  """One image to write: a file, or a member of a tar file (`member` set), or of a tar
+  inside a tar (`inner`: ILSVRC2012_img_train.tar's per-class tars, read in place)."""
   path: str
   label: int
   file_name: str            # stored in the `file_name` feature; unique within the split
   member: str | None = None
   reencode: bool = False    # not an RGB JPEG (PNG, CMYK, grey): stored re-encoded as RGB JPEG
+  inner: str | None = None  # the member of tar `path` that is the tar holding `member`
+
+
+@functools.lru_cache(maxsize=4)
+def _inner_tars(path: str, mtime_ns: int, size: int) -> dict[str, tarfile.TarInfo]:
+  """The members of an outer tar, by name: one pass over its headers per process (the
+  data in between is skipped by seeking)."""
+  del mtime_ns, size  # cache key only: a rewritten tar is scanned again
+  with tarfile.open(path) as tar:
+    return {m.name: m for m in tar if m.isfile()}
+
+
+@contextlib.contextmanager
+def open_tar(path: str, inner: str | None = None) -> Iterator[tarfile.TarFile]:
+  """The tar file `path`, or its member tar `inner`, opened for random access in place
+  (nothing extracted to disk)."""
+  if inner is None:
+    with tarfile.open(path) as tar:
+      yield tar
+    return
+  st = os.stat(path)
+  info = _inner_tars(path, st.st_mtime_ns, st.st_size)[inner]
+  with tarfile.open(path) as outer:  # reads the first header only; extractfile seeks
+    with tarfile.open(fileobj=outer.extractfile(info)) as tar:
+      yield tar
 
 
 def read_bytes(item: Item) -> bytes:
   if item.member is None:
     with open(item.path, "rb") as f:
       return f.read()
-  with tarfile.open(item.path) as tar:
+  with open_tar(item.path, item.inner) as tar:
     return tar.extractfile(item.member).read()
 
 
@@ -93,22 +121,21 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(items) for split, items in self._items.items()}
 
   def _generate_examples(self, items: list[Item]) -> Iterator[tuple[str, dict[str, Any]]]:
-    tar, tar_path = None, None
-    for item in items:
-      if item.member is None:
-        data = read_bytes(item)
-      else:  # members are grouped by tar: keep one open
-        if tar_path != item.path:
-          if tar is not None:
-            tar.close()
-          tar, tar_path = tarfile.open(item.path), item.path
-        data = tar.extractfile(item.member).read()
-      if item.reencode:
-        data = to_rgb_jpeg(data)
-      # Bytes go into the Image feature unchanged (no TF needed to encode them).
-      yield item.file_name, {"image": data, "label": item.label, "file_name": item.file_name}
-    if tar is not None:
-      tar.close()
+    with contextlib.ExitStack() as open_one:
+      tar, tar_key = None, None
+      for item in items:
+        if item.member is None:
+          data = read_bytes(item)
+        else:  # members are grouped by tar: keep one open
+          if tar_key != (item.path, item.inner):
+            open_one.close()
+            tar = open_one.enter_context(open_tar(item.path, item.inner))
+            tar_key = (item.path, item.inner)
+          data = tar.extractfile(item.member).read()
+        if item.reencode:
+          data = to_rgb_jpeg(data)
+        # Bytes go into the Image feature unchanged (no TF needed to encode them).
+        yield item.file_name, {"image": data, "label": item.label, "file_name": item.file_name}
 
 
 class Imagenet2012(_ImageBuilder, skip_registration=True):

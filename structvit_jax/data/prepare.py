@@ -3,11 +3,15 @@ r"""Prepare image datasets as tfds ArrayRecord data, without TensorFlow.
   python -m structvit_jax.data.prepare --dataset=image_folder --src=DIR --data_dir=OUT \
       [--name=image_folder] [--workers=4]
   python -m structvit_jax.data.prepare --dataset=imagenet2012 --src=RAW --data_dir=OUT
+  python -m structvit_jax.data.prepare --dataset=imagenet2012 \
+      --src=ILSVRC2012_img_train.tar --data_dir=OUT
 
 Source layouts, output directories and unreadable files: README.md, "Images". image_folder:
 every subdirectory of DIR is a split; labels are the sorted class names over all splits.
 imagenet2012: flat val images without a label file are labelled by tfds' own
-validation_labels.txt (sorted file names). Resumable: each split is checked and written on
+validation_labels.txt (sorted file names); the official ILSVRC2012_img_train.tar (1000
+per-class tars inside one tar) and ILSVRC2012_img_val.tar are read in place, never
+extracted. Resumable: each split is checked and written on
 its own under OUT/<name>/.prepare/<split>/ (check results cached in files.tsv, a finished
 split has its dataset_info.json); the splits are merged into the final directory only when
 every split is complete.
@@ -120,21 +124,92 @@ def _val_labels(src: str, files: Sequence[str], names: list[str]) -> dict[str, s
   return dict(zip(sorted(files), official))
 
 
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+
+
+def _open_outer(path: str) -> tarfile.TarFile:
+  try:
+    return tarfile.open(path, "r:")  # the official tars are not compressed
+  except (tarfile.TarError, OSError) as e:
+    raise errors.UserError(
+        f"{path}: not a readable tar file ({type(e).__name__}: {e}); expected the official "
+        f"{TRAIN_TAR} (download it again if it is truncated)") from None
+
+
+def _outer_tar_items(path: str, label_of: dict[str, int]) -> list[Item]:
+  """Train items of ILSVRC2012_img_train.tar: its members n*.tar, each a tar of that class's
+  JPEGs, listed header by header (the image data is skipped by seeking)."""
+  items: list[Item] = []
+  others: list[str] = []
+  with _open_outer(path) as outer:
+    try:
+      members = sorted((m for m in outer if m.isfile()), key=lambda m: m.name)
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise errors.UserError(f"{path}: the tar is truncated or corrupt ({type(e).__name__}: "
+                             f"{e}); download {TRAIN_TAR} again") from None
+    for m in members:
+      cls, ext = os.path.splitext(os.path.basename(m.name))
+      if ext != ".tar" or cls not in label_of:
+        others.append(m.name)
+        continue
+      try:
+        with tarfile.open(fileobj=outer.extractfile(m)) as inner:
+          names = sorted(i.name for i in inner if i.isfile() and _is_image(i.name))
+      except (tarfile.TarError, OSError, EOFError) as e:
+        raise errors.UserError(
+            f"{path}: its member {m.name} is not a readable tar ({type(e).__name__}: {e}); "
+            f"the download is corrupt: download {TRAIN_TAR} again") from None
+      items += [Item(path, label_of[cls], f"{cls}/{os.path.basename(n)}", member=n,
+                     inner=m.name) for n in names]
+  if not items:
+    images = sum(_is_image(n) for n in others)
+    what = (f"{images} image files directly (is it {VAL_TAR}? put it next to {TRAIN_TAR} "
+            f"in a --src directory)" if images else
+            f"{len(others)} other files (e.g. {others[:3]})" if others else "nothing")
+    raise errors.UserError(
+        f"{path}: expected {TRAIN_TAR}, a tar of the 1000 per-class tars n01440764.tar ... "
+        f"(WordNet ids of the tfds imagenet2012 labels); it holds {what}")
+  if others:
+    logging.warning("%s: %d member(s) that are not per-class n*.tar files left out (e.g. %s)",
+                    path, len(others), others[:3])
+  return items
+
+
+def _val_tar_items(path: str, src: str, names: list[str], label_of: dict[str, int]
+                   ) -> list[Item]:
+  """ILSVRC2012_img_val.tar: the 50,000 flat validation JPEGs, labelled as a flat val/."""
+  with _open_outer(path) as tar:
+    members = {os.path.basename(m.name): m.name for m in tar if m.isfile()
+               and _is_image(m.name)}
+  files = sorted(members)
+  labels = _val_labels(src, files, names)
+  missing = [f for f in files if f not in labels]
+  if missing:
+    raise ValueError(f"no label for {len(missing)} validation files, e.g. {missing[:3]}")
+  return [Item(path, label_of[labels[f]], f, member=members[f]) for f in files]
+
+
 def discover_imagenet(src: str) -> tuple[dict[str, list[Item]], list[str]]:
   names = builders.imagenet_label_names()
   label_of = {c: i for i, c in enumerate(names)}
+  if os.path.isfile(src):  # --src=ILSVRC2012_img_train.tar: the train split only
+    return {"train": _outer_tar_items(src, label_of)}, names
   train_dir = os.path.join(src, "train")
-  if not os.path.isdir(train_dir):
-    raise FileNotFoundError(f"{train_dir} not found (expected n*/ class folders or n*.tar)")
   items: dict[str, list[Item]] = {"train": []}
-  for entry in sorted(os.listdir(train_dir)):
-    cls, ext = os.path.splitext(entry)
-    path = os.path.join(train_dir, entry)
-    if ext == ".tar" and cls in label_of:
-      items["train"] += _tar_items(path, label_of[cls], cls)
-    elif os.path.isdir(path) and entry in label_of:
-      items["train"] += [Item(os.path.join(path, f), label_of[entry], f"{entry}/{f}")
-                         for f in sorted(os.listdir(path)) if _is_image(f)]
+  if os.path.isdir(train_dir):
+    for entry in sorted(os.listdir(train_dir)):
+      cls, ext = os.path.splitext(entry)
+      path = os.path.join(train_dir, entry)
+      if ext == ".tar" and cls in label_of:
+        items["train"] += _tar_items(path, label_of[cls], cls)
+      elif os.path.isdir(path) and entry in label_of:
+        items["train"] += [Item(os.path.join(path, f), label_of[entry], f"{entry}/{f}")
+                           for f in sorted(os.listdir(path)) if _is_image(f)]
+  elif os.path.isfile(os.path.join(src, TRAIN_TAR)):
+    items["train"] = _outer_tar_items(os.path.join(src, TRAIN_TAR), label_of)
+  else:
+    raise FileNotFoundError(f"{train_dir} not found (expected n*/ class folders or n*.tar, "
+                            f"or {TRAIN_TAR} in {src})")
   val_dir = next((os.path.join(src, d) for d in ("val", "validation")
                   if os.path.isdir(os.path.join(src, d))), None)
   if val_dir is not None:
@@ -148,6 +223,8 @@ def discover_imagenet(src: str) -> tuple[dict[str, list[Item]], list[str]]:
         raise ValueError(f"no label for {len(missing)} validation files, e.g. {missing[:3]}")
       items["validation"] = [Item(os.path.join(val_dir, f), label_of[labels[f]], f)
                              for f in files]
+  elif os.path.isfile(os.path.join(src, VAL_TAR)):
+    items["validation"] = _val_tar_items(os.path.join(src, VAL_TAR), src, names, label_of)
   return items, names
 
 
@@ -162,9 +239,11 @@ def check_image(item: Item) -> str:
     return f"error: {type(e).__name__}: {e}".replace("\t", " ").replace("\n", " ")
 
 
-def check_tar(path: str) -> dict[str, str]:
-  """check_image for every member of one tar, read in one pass (not one open per member)."""
-  with tarfile.open(path) as tar:
+def check_tar(path: str | tuple[str, str | None]) -> dict[str, str]:
+  """check_image for every member of one tar (a path, or (outer tar, inner tar member)),
+  read in one pass (not one open per member)."""
+  path, inner = (path, None) if isinstance(path, str) else path
+  with builders.open_tar(path, inner) as tar:
     return {m.name: check_bytes(tar.extractfile(m).read()) for m in tar if m.isfile()}
 
 
@@ -196,7 +275,8 @@ def _progress(iterable: Iterable, total: int, desc: str) -> Iterable:
 def _check_split(items: list[Item], workers: int, desc: str) -> list[str]:
   """Status of every item (check_image), on `workers` processes."""
   files = [it for it in items if it.member is None]
-  tars = sorted({it.path for it in items if it.member is not None})
+  tars = sorted({(it.path, it.inner) for it in items if it.member is not None},
+                key=lambda t: (t[0], t[1] or ""))
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
   imap = pool.imap if pool else lambda f, xs, chunksize: map(f, xs)
   try:
@@ -204,12 +284,13 @@ def _check_split(items: list[Item], workers: int, desc: str) -> list[str]:
         imap(check_image, files, chunksize=64), len(files), desc))}
     for tar, result in zip(tars, _progress(imap(check_tar, tars, chunksize=1), len(tars),
                                            desc + " (tar files)")):
-      status.update({(tar, m): s for m, s in result.items()})
+      status.update({(*tar, m): s for m, s in result.items()})
   finally:
     if pool:  # every result has been read by now
       pool.terminate()
       pool.join()
-  return [status[(it.path, it.member)] for it in items]
+  return [status[(it.path, it.inner, it.member) if it.member else (it.path, None)]
+          for it in items]
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -247,7 +328,7 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
                       skipped, resumed=list(info.splits))
     _log_summary(summary)
     return summary
-  if not os.path.isdir(src):
+  if not (os.path.isdir(src) or dataset == "imagenet2012" and os.path.isfile(src)):
     raise FileNotFoundError(f"--src={src} is not a directory (the raw images; layouts: "
                             "python -m structvit_jax.data.prepare --helpfull)")
   items, label_names = (discover_imagenet(src) if dataset == "imagenet2012"
@@ -271,7 +352,8 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
     bad = []
     for it in split_items:
       if status_of[it.file_name].startswith("error"):
-        bad.append(it.path + (f"[{it.member}]" if it.member else ""))
+        bad.append(it.path + (f"[{it.inner}/{it.member}]" if it.inner else
+                              f"[{it.member}]" if it.member else ""))
         logging.warning("skipping unreadable %s: %s", bad[-1], status_of[it.file_name])
     keep = [dataclasses.replace(it, reencode=status_of[it.file_name] == "reencode")
             for it in split_items if not status_of[it.file_name].startswith("error")]

@@ -40,3 +40,13 @@ def eval_spec(data: ml_collections.ConfigDict) -> dict[str, Any]:
   return default_spec("image", data.image_size, mean=list(IMAGENET_MEAN),
                       std=list(IMAGENET_STD),
                       crop_ratio=1.0 if synthetic else float(data.eval_crop_ratio))
+
+
+def eval_views(data: ml_collections.ConfigDict) -> dict[str, int]:
+  """The test views evaluation scores per video and averages ({test_clips, test_crops}) for
+  the video datasets evaluated by view (evaluators.MultiViewVideo), else {} (one view); an
+  export records them for `inference.Predictor` next to eval_spec."""
+  from structvit_jax.data import pipeline
+  if pipeline._BUILDERS.get(data.name) is not pipeline._video or not data.num_frames:
+    return {}
+  return dict(test_clips=int(data.test_clips), test_crops=int(data.test_crops))

@@ -264,6 +264,20 @@ class ClipConfig:
     """uint8 [T, S, S, 3]: view `view` (clip * crops + crop) of a video file, or of an
     array of all a video's frames (short side resized with PIL, bilinear)."""
     clip, crop = divmod(int(view), self.crops)
+    return self._crop(self._test_clip(video, clip), crop)
+
+  def test_views(self, video: str | np.ndarray) -> np.ndarray:
+    """uint8 [clips * crops, T, S, S, 3]: every test view in view order, as `test_view`;
+    each clip is decoded once for all its crops."""
+    clips = [self._test_clip(video, clip) for clip in range(self.clips)]
+    return np.stack([self._crop(f, crop) for f in clips for crop in range(self.crops)])
+
+  def _crop(self, frames: np.ndarray, crop: int) -> np.ndarray:
+    y, x = crop_offset(frames.shape[1], frames.shape[2], self.size, crop, self.crops)
+    return frames[:, y:y + self.size, x:x + self.size]
+
+  def _test_clip(self, video: str | np.ndarray, clip: int) -> np.ndarray:
+    """The frames of test clip `clip`, short side resized to the crop size."""
     if isinstance(video, np.ndarray):
       frames = video[self.indices(len(video), clip=clip)]
       h, w = short_side_shape(frames.shape[1], frames.shape[2], self.size)
@@ -274,8 +288,7 @@ class ClipConfig:
     else:
       with VideoReader(video) as reader:
         frames = reader.read(self.indices(reader.num_frames, clip=clip), self.size)
-    y, x = crop_offset(frames.shape[1], frames.shape[2], self.size, crop, self.crops)
-    return frames[:, y:y + self.size, x:x + self.size]
+    return frames
 
 
 class DecodeTrainClip(grain.transforms.RandomMap):

@@ -1,0 +1,294 @@
+r"""List files (README.md, "Videos") from the official Something-Something V2 and
+Kinetics-400 annotations:
+
+  python -m structvit_jax.data.video_lists --dataset=ssv2 --data_dir=DATA_DIR \
+      --train=something-something-v2-train.json --val=something-something-v2-validation.json
+  python -m structvit_jax.data.video_lists --dataset=kinetics400 --data_dir=DATA_DIR \
+      --train=kinetics400/train.csv --val=kinetics400/validate.csv [--classes=FILE]
+
+Writes DATA_DIR/train.csv and DATA_DIR/val.csv (`relative/path label` per line, the names
+the video configs read) and DATA_DIR/classes.txt (the class names in label order, for
+`convert --class_names`). Videos are found by name anywhere under DATA_DIR (or --videos),
+with any video extension:
+- SSv2: `<id>.webm` (any extension). Labels: SlowFast's ssv2 rule: the entry's `template`
+  with its brackets removed, looked up in something-something-v2-labels.json (default: the
+  one next to --train), or its position in --classes (brackets removed there too; e.g.
+  UniFormer's data_list/sthv2/category.txt, the bracketed templates sorted, which orders a
+  few classes differently).
+- Kinetics-400 (`label,youtube_id,time_start,time_end,split[,is_cc]`):
+  `<youtube_id>_<start:06d>_<end:06d>` (the ActivityNet crawler's name) or `<youtube_id>`.
+  Labels: the sorted class names of the given CSVs (mmaction's order), or the order of
+  --classes (one name a line, or `name<TAB>index` lines such as UniFormer's
+  kinetics_400_categroies.txt, whose order its official K400 weights use).
+A listed video that is not found is left out of the list, counted, and named in
+DATA_DIR/<list>.missing.txt (Kinetics always has some: YouTube removals); none found is an
+error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import flags
+
+from structvit_jax import errors
+
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
+SSV2_LABELS = "something-something-v2-labels.json"
+K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+@dataclasses.dataclass
+class Entry:
+  names: tuple[str, ...]   # file names without extension to look for, preferred first
+  label: int
+
+
+@dataclasses.dataclass
+class Written:
+  path: str                # the list file
+  total: int               # videos in the annotation
+  written: int
+  missing: list[str]       # first name looked for, per missing video
+
+
+# ----------------------------------------------------------------------------- annotations
+
+
+def _load_json(path: str) -> object:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def ssv2_classes(labels_json: str) -> list[str]:
+  """Class names in label order from something-something-v2-labels.json ({name: "index"})."""
+  labels = _load_json(labels_json)
+  try:
+    order = sorted((int(i), name) for name, i in labels.items())  # type: ignore[union-attr]
+  except (AttributeError, TypeError, ValueError):
+    raise errors.UserError(f"{labels_json}: expected the SSv2 label file, a JSON object "
+                           f"{{\"class name\": \"index\", ...}}") from None
+  if [i for i, _ in order] != list(range(len(order))):
+    raise errors.UserError(f"{labels_json}: the indices are not 0..{len(order) - 1}")
+  return [name for _, name in order]
+
+
+def ssv2_entries(annotation_json: str, classes: Sequence[str]) -> list[Entry]:
+  """Entries of something-something-v2-{train,validation}.json: [{"id", "template", ...}]."""
+  data = _load_json(annotation_json)
+  index = {name: i for i, name in enumerate(classes)}
+  if not isinstance(data, list) or not all(isinstance(v, dict) and "id" in v for v in data):
+    raise errors.UserError(f"{annotation_json}: expected the SSv2 annotation file, a JSON list "
+                           f"of {{\"id\": ..., \"template\": ...}} objects")
+  if data and "template" not in data[0]:
+    raise errors.UserError(f"{annotation_json}: its entries have no 'template' (labels); the "
+                           f"test set is unlabelled: give the train and validation files")
+  out, unknown = [], set()
+  for v in data:
+    name = v["template"].replace("[", "").replace("]", "")  # SlowFast's ssv2 rule
+    if name not in index:
+      unknown.add(name)
+      continue
+    out.append(Entry((str(v["id"]),), index[name]))
+  if unknown:
+    raise errors.UserError(f"{annotation_json}: {len(unknown)} template(s) not among the "
+                           f"classes, e.g. {sorted(unknown)[:3]}: is --labels (or --classes) "
+                           f"of the same release?")
+  return out
+
+
+def read_kinetics_csv(path: str) -> list[dict[str, str]]:
+  try:
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f))
+      header = f"{','.join(rows[0])}" if rows else ""
+  except OSError as e:
+    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  if not rows or any(c not in rows[0] for c in K400_COLUMNS):
+    raise errors.UserError(f"{path}: expected the Kinetics CSV with the header "
+                           f"'label,youtube_id,time_start,time_end,split', got "
+                           f"{header or 'no rows'!r}")
+  empty = sum(not r["label"] for r in rows)
+  if empty:
+    raise errors.UserError(f"{path}: {empty} row(s) without a label (the test set?); give "
+                           f"labelled files")
+  return rows
+
+
+def read_classes(path: str) -> list[str]:
+  """Class names in label order: one a line, or `name<TAB>index` lines in any order."""
+  try:
+    lines = [l.rstrip("\n") for l in open(path) if l.strip()]
+  except OSError as e:
+    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  pairs = [l.rsplit("\t", 1) for l in lines]
+  if all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
+    order = sorted((int(i), name.strip()) for name, i in pairs)
+    if [i for i, _ in order] != list(range(len(order))):
+      raise errors.UserError(f"{path}: the indices are not 0..{len(order) - 1}")
+    return [name for _, name in order]
+  return [l.strip() for l in lines]
+
+
+def kinetics_entries(rows: list[dict[str, str]], classes: Sequence[str], path: str
+                     ) -> list[Entry]:
+  index = {name: i for i, name in enumerate(classes)}
+  unknown = sorted({r["label"] for r in rows} - set(index))
+  if unknown:
+    raise errors.UserError(f"{path}: {len(unknown)} class(es) not in the class list, e.g. "
+                           f"{unknown[:3]}")
+  out = []
+  for r in rows:
+    yid = r["youtube_id"]
+    start, end = int(float(r["time_start"])), int(float(r["time_end"]))
+    out.append(Entry((f"{yid}_{start:06d}_{end:06d}", yid), index[r["label"]]))
+  return out
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def index_videos(root: str) -> tuple[dict[str, str], int]:
+  """({file name without extension: path relative to root}, duplicates): every video file
+  under root (first in sorted order wins a duplicate name)."""
+  found: dict[str, str] = {}
+  duplicates = 0
+  for d, dirs, files in os.walk(root, followlinks=True):
+    dirs.sort()
+    for f in sorted(files):
+      stem, ext = os.path.splitext(f)
+      if ext.lower() in VIDEO_EXTS:
+        if stem in found:
+          duplicates += 1
+        else:
+          found[stem] = os.path.relpath(os.path.join(d, f), root)
+  return found, duplicates
+
+
+def write_list(entries: Sequence[Entry], videos: dict[str, str], out: str,
+               prefix: str = "") -> Written:
+  """Writes `relative/path label` lines for the entries found in `videos`; the missing
+  ones to out + '.missing.txt' (removed when none is missing)."""
+  lines, missing = [], []
+  for e in entries:
+    rel = next((videos[n] for n in e.names if n in videos), None)
+    if rel is None:
+      missing.append(e.names[0])
+    else:
+      lines.append(f"{os.path.join(prefix, rel)} {e.label}\n")
+  if lines:
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(lines)
+    os.replace(tmp, out)
+  if missing:
+    with open(out + ".missing.txt", "w") as f:
+      f.writelines(m + "\n" for m in missing)
+  elif os.path.exists(out + ".missing.txt"):
+    os.remove(out + ".missing.txt")
+  return Written(out, len(entries), len(lines), missing)
+
+
+def convert(dataset: str, data_dir: str, annotations: dict[str, str],
+            labels: str | None = None, classes: str | None = None,
+            videos: str | None = None) -> list[Written]:
+  """Writes DATA_DIR/<list> for each {list file name: annotation file} and
+  DATA_DIR/classes.txt (module docstring); returns what was written per list."""
+  if dataset not in ("ssv2", "kinetics400"):
+    raise errors.UserError(f"--dataset={dataset}: 'ssv2' or 'kinetics400'")
+  if not annotations:
+    raise errors.UserError("give at least one annotation file: --train=... and/or --val=...")
+  if not os.path.isdir(data_dir):
+    raise errors.UserError(f"--data_dir={data_dir} is not a directory (the one holding the "
+                           f"videos, where the list files are written)")
+  for name, src in annotations.items():
+    if not os.path.isfile(src):
+      raise errors.UserError(f"annotation file {src} not found")
+    out = os.path.join(data_dir, name)
+    if os.path.exists(out) and os.path.samefile(out, src):
+      raise errors.UserError(f"{src} would be overwritten by the list {name}: keep the "
+                             f"annotations outside --data_dir or under another name")
+  if dataset == "ssv2" and classes:
+    names = [n.replace("[", "").replace("]", "") for n in read_classes(classes)]
+    entries = {n: ssv2_entries(src, names) for n, src in annotations.items()}
+  elif dataset == "ssv2":
+    labels = labels or os.path.join(os.path.dirname(next(iter(annotations.values()))),
+                                    SSV2_LABELS)
+    if not os.path.isfile(labels):
+      raise errors.UserError(f"{labels} not found: pass --labels=.../{SSV2_LABELS}")
+    names = ssv2_classes(labels)
+    entries = {n: ssv2_entries(src, names) for n, src in annotations.items()}
+  else:
+    rows = {n: read_kinetics_csv(src) for n, src in annotations.items()}
+    names = (read_classes(classes) if classes else
+             sorted({r["label"] for rs in rows.values() for r in rs}))
+    if not classes and len(names) != 400:
+      print(f"note: {len(names)} classes in the given CSVs (Kinetics-400 has 400): train with "
+            f"--config.data.num_classes={len(names)}", file=sys.stderr)
+    entries = {n: kinetics_entries(rows[n], names, annotations[n]) for n in annotations}
+  root = os.path.join(data_dir, videos) if videos else data_dir
+  found, duplicates = index_videos(root)
+  if duplicates:
+    print(f"note: {duplicates} video file name(s) occur more than once under {root}; the "
+          f"first in sorted path order is listed", file=sys.stderr)
+  for src, e in zip(annotations.values(), entries.values()):  # before writing anything
+    if not any(n in found for x in e for n in x.names):
+      raise errors.UserError(
+          f"none of the {len(e)} videos of {src} found among the {len(found)} video files "
+          f"under {root} (looked for names such as {e[0].names[0]}.mp4/.webm/...): point "
+          f"--data_dir (or --videos) at the videos")
+  prefix = os.path.relpath(root, data_dir)
+  written = [write_list(e, found, os.path.join(data_dir, n), "" if prefix == "." else prefix)
+             for n, e in entries.items()]
+  with open(os.path.join(data_dir, "classes.txt"), "w") as f:
+    f.writelines(n + "\n" for n in names)
+  return written
+
+
+def summary(written: Sequence[Written]) -> str:
+  lines = []
+  for w in written:
+    lines.append(f"{w.path}: {w.written} of {w.total} videos")
+    if w.missing:
+      lines[-1] += (f"; {len(w.missing)} not found (e.g. {', '.join(w.missing[:3])}; all in "
+                    f"{w.path}.missing.txt)")
+  return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program: prepare.py defines --dataset / --data_dir too.
+  flags.DEFINE_enum("dataset", None, ["ssv2", "kinetics400"], "Whose annotations.")
+  flags.DEFINE_string("data_dir", None, "The videos' directory; the lists are written here.")
+  flags.DEFINE_string("train", None, "Train annotations (SSv2 JSON / Kinetics CSV).")
+  flags.DEFINE_string("val", None, "Validation annotations (SSv2 JSON / Kinetics CSV).")
+  flags.DEFINE_string("train_list", "train.csv", "Name of the train list written.")
+  flags.DEFINE_string("val_list", "val.csv", "Name of the validation list written.")
+  flags.DEFINE_string("labels", None, f"SSv2: {SSV2_LABELS} (default: next to --train).")
+  flags.DEFINE_string("classes", None, "Class order (one name a line, or 'name<TAB>index'); "
+                      "default: Kinetics: the sorted class names; SSv2: --labels.")
+  flags.DEFINE_string("videos", None, "Sub-directory of --data_dir to search for the videos.")
+  flags.mark_flags_as_required(["dataset", "data_dir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  annotations = {n: src for n, src in ((FLAGS.train_list, FLAGS.train),
+                                       (FLAGS.val_list, FLAGS.val)) if src}
+  print(summary(convert(FLAGS.dataset, FLAGS.data_dir, annotations, FLAGS.labels,
+                        FLAGS.classes, FLAGS.videos)))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  errors.run(main, workdir_flag=None)
