@@ -14,7 +14,9 @@ common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = common.structsa_arg(arg)
+  a = common.structsa_arg(arg, res=224)
   c = common.imagenet_config()
   common.structvit_model(c, "b", a, 1000, common.IMAGENET_DROP_PATH["b"])
+  if a.res != 224:
+    common.imagenet_finetune(c, "b", a.res)
   return c

@@ -16,7 +16,9 @@ common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = common.structsa_arg(arg)
+  a = common.structsa_arg(arg, res=224)
   c = common.imagenet_config()
   common.structvit_model(c, "s", a, 1000, common.IMAGENET_DROP_PATH["s"])
+  if a.res != 224:
+    common.imagenet_finetune(c, "s", a.res)
   return c
