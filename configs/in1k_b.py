@@ -6,6 +6,10 @@
 Variants as in1k_s.py (d, stride, kernel_size, aggregation, form), e.g.
 `configs/in1k_b.py:d=4,stride=2` = StructViT-B-4-2.
 Expected top-1 (paper, 224px): B-4-1 84.2, B-4-2 84.0, B-8-1 84.3, UniFormer-B (d=0) 83.8.
+
+`res=384` fine-tunes a 224 run at 384 with UniFormer's official 384 recipe
+(common.imagenet_finetune), from --config.init_from.checkpoint=<224 workdir, export or
+.pth>. Expected (UniFormer's 384 rows, from token-labeling checkpoints): UniFormer-B (d=0) 86.0.
 """
 
 from structvit_jax import config_utils
