@@ -149,6 +149,7 @@ def test_384_finetune_starts_from_a_224_export(export_224, tmp_path):
   setup = train._Setup(c, str(tmp_path / "probe"), jax.devices()[:1], train=True)
   assert setup.input_shape == (64, 64, 3)
   state = setup.restore_or_init(c, None)
+  setup.ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
                exported.variables["params"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.batch_stats),
