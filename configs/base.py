@@ -66,6 +66,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lr_step_factor = 0.1
   c.momentum = 0.9                 # sgd
   c.weight_decay = 0.05
+  # Which leaves weight decay applies to (optim.decay_mask): 'no_pos_embed' (rank > 1 except
+  # position encodings and tokens), 'timm' (the official UniFormer/DeiT trainers: rank > 1
+  # except top-level pos_embed/cls_token) or 'all' (TimeSformer's). Recipes set the official.
+  c.weight_decay_mask = "no_pos_embed"
   c.grad_clip_norm = 0.0           # 0: off
   c.label_smoothing = 0.1
   c.mixup_alpha = 0.8              # 0: off

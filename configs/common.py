@@ -56,11 +56,44 @@ def imagenet_config() -> ml_collections.ConfigDict:
   c.lr = 1e-3
   c.lr_base_batch_size = 1024
   c.weight_decay = 0.05
+  c.weight_decay_mask = "timm"    # timm create_optimizer: position-encoding convs decayed too
   c.label_smoothing = 0.1
   c.mixup_alpha = 0.8
   c.cutmix_alpha = 1.0
   c.eval_every_epochs = 5.0
   return c
+
+
+# Large-resolution fine-tuning (UniFormer's token_labeling/exp/uniformer_*_tl_384/run.sh):
+# global batch (64 or 32 per GPU x 8) and drop path per size. L's script names the wrong
+# model (uniformer_small_plus) but was edited for L otherwise: batch 32, drop path 0.3.
+FINETUNE_BATCH = {"s": 512, "b": 512, "l": 256}
+FINETUNE_DROP_PATH = {"s": 0.1, "b": 0.3, "l": 0.3}
+
+
+def imagenet_finetune(c, size: str, res: int) -> None:
+  """Fine-tunes a 224 ImageNet model at `res` (the paper's 384 rows), given the 224 weights
+  as --config.init_from.checkpoint (a workdir, an export or an official .pth). The official
+  recipe: 50 epochs plus timm's 10 cool-down epochs, i.e. 60 epochs at a constant lr 5e-6
+  (lr = min_lr), no warm-up, weight decay 1e-8, no EMA, no mixup/cutmix (the TL trainer's
+  defaults: its runs mix by MixToken inside the token-labeling model); evaluation at `res`
+  with timm's crop 0.9 (the TL model's default_cfg crop_pct). UniFormer has no absolute
+  position embedding, so the 224 weights load unchanged (docs/official_weights.md,
+  "Recipes")."""
+  c.model.kwargs.drop_path_rate = FINETUNE_DROP_PATH[size]
+  c.data.image_size = res
+  c.data.eval_crop_ratio = 0.9
+  c.batch_size = FINETUNE_BATCH[size]
+  c.lr_base_batch_size = FINETUNE_BATCH[size]
+  c.lr = 5e-6
+  c.min_lr = 5e-6
+  c.num_epochs = 60.0
+  c.warmup_epochs = 0.0
+  c.weight_decay = 1e-8
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+  c.ema_decay = 0.0
+  c.init_from.drop_head = False     # the same 1000 classes
 
 
 def kinetics_config(size: str, a, num_classes: int = 400,
@@ -95,6 +128,7 @@ def kinetics_config(size: str, a, num_classes: int = 400,
   c.lr = 2e-4
   c.lr_base_batch_size = 64
   c.weight_decay = 0.05
+  c.weight_decay_mask = "timm"    # SlowFast construct_optimizer + ZERO_WD_1D_PARAM: the same
   c.num_epochs = 110.0
   c.warmup_epochs = 10.0
   c.label_smoothing = 0.1
@@ -156,6 +190,7 @@ def timesformer_config(a, name: str, num_classes: int) -> ml_collections.ConfigD
   c.lr_base_batch_size = 8
   c.momentum = 0.9
   c.weight_decay = 1e-4
+  c.weight_decay_mask = "all"     # TimeSformer's construct_optimizer exempts only BN: none here
   c.schedule = "steps"
   c.lr_step_epochs = (11.0, 14.0)
   c.lr_step_factor = 0.1

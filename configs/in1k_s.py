@@ -8,6 +8,10 @@ axis), aggregation ('context' | 'element'), form ('fused' | 'reference'), e.g.
 `configs/in1k_s.py:d=8,stride=1` = StructViT-S-8-1.
 Expected top-1 (paper, 224px, 300 epochs): S-4-1 83.2, S-4-2 82.9, S-8-1 83.3,
 UniFormer-S (d=0) 82.9.
+
+`res=384` fine-tunes a 224 run at 384 with UniFormer's official 384 recipe
+(common.imagenet_finetune), from --config.init_from.checkpoint=<224 workdir, export or
+.pth>. Expected (UniFormer's 384 rows, from token-labeling checkpoints): UniFormer-S (d=0) 84.6.
 """
 
 from structvit_jax import config_utils
@@ -16,7 +20,9 @@ common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = common.structsa_arg(arg)
+  a = common.structsa_arg(arg, res=224)
   c = common.imagenet_config()
   common.structvit_model(c, "s", a, 1000, common.IMAGENET_DROP_PATH["s"])
+  if a.res != 224:
+    common.imagenet_finetune(c, "s", a.res)
   return c

@@ -1,5 +1,7 @@
 """Optimiser, learning-rate schedule, weight-decay mask and EMA (DeiT / timm semantics)."""
 
+import functools
+import re
 from typing import Any
 
 import jax
@@ -8,8 +10,18 @@ import ml_collections
 import optax
 
 # Parameters whose path contains one of these never get weight decay (position encodings,
-# including UniFormer's depthwise position-encoding convs, and class/distillation tokens).
+# including UniFormer's depthwise position-encoding convs, and class/distillation tokens):
+# the 'no_pos_embed' rule.
 NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "dist_token")
+# The official models' no_weight_decay() names, which timm matches against whole parameter
+# names: only top-level leaves (DeiT's pos_embed / cls_token), never UniFormer's per-block
+# `blocksK.i.pos_embed.weight` (docs/official_weights.md, "Weight decay").
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
+# Leaves that are vectors here but [1, C, 1, 1] in PyTorch, so rank > 1 for the official
+# rule: TL UniFormer-L's CBlock layer scale (stages 1-2).
+_TORCH_4D_VECTORS = re.compile(r"^blocks[12]_\d+/gamma_[12]$")
+# config.weight_decay_mask: the rule deciding which leaves weight decay applies to.
+DECAY_RULES = ("no_pos_embed", "timm", "all")
 
 
 def scaled_lr(config: ml_collections.ConfigDict) -> float:
@@ -48,12 +60,28 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: matrices and conv kernels, except position
-  encodings and tokens. All 1-D params (norm scales/biases, biases, layer-scale gammas)
-  are excluded by their rank."""
+def decay_mask(params: Any, rule: str = "no_pos_embed") -> Any:
+  """True where weight decay applies (config.weight_decay_mask, docs/official_weights.md):
+
+  - 'no_pos_embed': matrices and conv kernels, except position encodings (UniFormer's
+    position-encoding convs included) and tokens; all 1-D params (norm scales/biases,
+    biases, layer-scale gammas) are excluded by their rank.
+  - 'timm': the official image trainers (timm `create_optimizer`) and UniFormer's video
+    trainer (SlowFast `construct_optimizer`, ZERO_WD_1D_PARAM): every parameter of rank > 1
+    in the PyTorch layout except the top-level NO_DECAY_NAMES, so UniFormer's
+    position-encoding convs are decayed.
+  - 'all': every parameter (TimeSformer's trainer: no BatchNorm in a ViT, nothing exempt).
+  """
+  if rule not in DECAY_RULES:
+    raise ValueError(f"weight_decay_mask={rule!r}; valid: {', '.join(map(repr, DECAY_RULES))}")
+
   def keep(path, p):
     name = _path_str(path)
+    if rule == "all":
+      return True
+    if rule == "timm":
+      return (p.ndim >= 2 or bool(_TORCH_4D_VECTORS.match(name))) and \
+          name not in NO_DECAY_NAMES
     return p.ndim >= 2 and not any(k in name for k in NO_DECAY_KEYWORDS)
   return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -61,13 +89,16 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   parts = []
+  rule = config.get("weight_decay_mask", "no_pos_embed")
+  decay_mask({}, rule)  # an unknown rule fails here, not at the first tx.init
+  mask = functools.partial(decay_mask, rule=rule)
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   if config.optimizer == "adamw":
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+                             weight_decay=config.weight_decay, mask=mask))
   elif config.optimizer == "sgd":
-    parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+    parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=False))
   else:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}; valid: 'adamw', 'sgd'.")
