@@ -145,3 +145,29 @@ def test_prefetch_raises_errors_in_order_and_closes_promptly():
   t = time.perf_counter()
   full.close()
   assert time.perf_counter() - t < 5 and not full._thread.is_alive()
+
+
+def test_checkpoint_holds_the_position_of_the_batches_the_steps_took(tmp_path, monkeypatch):
+  # A stand-in step (no model compile): the point is the input position saved with step 3
+  # while the prefetch thread has read further ahead.
+  taken = []
+
+  def step(state, batch, **kw):
+    del kw
+    taken.append(batch["image"])
+    zero = jnp.zeros((), jnp.float32)
+    return state.replace(step=state.step + 1), dict(loss=zero, grad_norm=zero, lr=zero,
+                                                    top1=zero, top5=zero)
+
+  monkeypatch.setattr(train, "train_step", step)
+  monkeypatch.setattr(train, "_eval_and_log", lambda *a: {"eval/top1": 0.0})
+  c = _demo(batch_size=8, num_train_steps=3, checkpoint_every_steps=3, log_every_steps=1)
+  c.model.name = "deit_tiny"
+  train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+  saved = json.loads((tmp_path / "checkpoints" / "3" / "data_iter" /
+                      "process_0-of-1.json").read_text())
+  ref = create_input(c, "train", 8, seed=c.seed, uint8=True).iterator
+  for _ in range(3):
+    next(ref)
+  assert saved == json.loads(json.dumps(ref.get_state()))
+  assert len(taken) == 1 and taken[0].dtype == jnp.uint8  # traced once, on uint8 batches
