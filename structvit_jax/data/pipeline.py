@@ -8,6 +8,8 @@ state is saved in the trainer's checkpoints. Eval: the split is padded (wrapping
 `mask` marks the padding) to a multiple of the global batch, each process takes every
 process_count-th batch: every example seen once, the same batch count on every process.
 `_BUILDERS`: (config.data, split name, train) -> `DatasetSpec` (source, transforms, metadata).
+`uint8=True` (the trainer's input) leaves normalisation and random erasing to the jitted step
+(`device_side`; docs/input_pipeline.md).
 """
 
 from __future__ import annotations
