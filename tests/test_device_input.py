@@ -18,6 +18,7 @@ from structvit_jax.config_utils import import_sibling
 from structvit_jax.data import create_input, pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+FAST_COMPILES = True  # the train-step compiles of the loss test dominate (conftest.py)
 
 
 def _demo(**fields):
