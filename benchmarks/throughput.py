@@ -16,9 +16,11 @@ the global --batch split along it, exactly as `train._Setup` wires them.
 Timing: compile once (ahead of time, so the memory analysis is of the executable that runs),
 run --warmup steps, then --steps steps in --windows windows with one block_until_ready at the
 end of each window (no host sync per step); the step time is the median over windows.
-Inputs are random, pre-placed on the devices, and alternate between two batches.
+Inputs are random uint8 images or clips (normalised in the step, as the trainer's),
+pre-placed on the devices, and alternate between two batches.
 --data=pipeline then also runs the steps fed by `structvit_jax.data.create_input` on the
-built-in synthetic dataset and reports how much of the step is spent waiting for data.
+built-in synthetic dataset, as the trainer feeds them (uint8 batches normalised in the step,
+read ahead onto the devices), and reports how much of the step is spent waiting for data.
 
 A configuration that does not fit (RESOURCE_EXHAUSTED at compile or run time) prints an OOM
 row and the sweep goes on. Rows print as they finish (a markdown table, or JSON lines with
@@ -151,11 +153,16 @@ class Bench:
     self.state = jax.jit(init, out_shardings=shardings)(rng)
     repl = shard_lib.replicated(mesh)
     self.data_sharding = data = shard_lib.batch_sharding(mesh)
+    # The trainer's inputs are uint8, normalised in the step with the dataset's constants.
+    from structvit_jax.data import pipeline
+    spec = pipeline.get_dataset(c, c.data.train_split, train=True)
+    norm = pipeline.device_side(spec.transforms)[1]
     self.train_fn = jax.jit(
         functools.partial(train_lib.train_step, model=self.model, tx=tx, schedule=schedule,
-                          config=c, num_classes=self.num_classes),
+                          config=c, num_classes=self.num_classes, normalization=norm),
         in_shardings=(shardings, data), out_shardings=(shardings, repl), donate_argnums=0)
-    self.eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=self.model),
+    self.eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=self.model,
+                                             normalization=norm),
                            in_shardings=(shardings.params, shardings.batch_stats, data),
                            out_shardings=repl)
     self.batches = [self._random_batch(jax.random.PRNGKey(i)) for i in range(2)]
@@ -163,7 +170,7 @@ class Bench:
   def _random_batch(self, key) -> dict[str, jax.Array]:
     k1, k2 = jax.random.split(key)
     b = self.batch
-    image = jax.random.normal(k1, (b, *self.case.input_shape), jnp.float32)
+    image = jax.random.randint(k1, (b, *self.case.input_shape), 0, 256).astype(jnp.uint8)
     label = jax.random.randint(k2, (b,), 0, self.num_classes, jnp.int32)
     out = dict(image=image, label=label, mask=jnp.ones((b,), jnp.bool_))
     return jax.device_put(out, self.data_sharding)
@@ -226,20 +233,24 @@ def time_steps(step, batches, warmup: int, steps: int, windows: int) -> list[flo
 
 
 def time_pipeline(bench: Bench, step, warmup: int, steps: int) -> dict[str, float]:
-  """Steps fed by create_input: seconds per step and host seconds per step spent getting
-  the next batch (next() + transfer)."""
+  """Steps fed as the trainer feeds them (create_input's uint8 batches, normalised in the
+  step, put on the devices by device_input's prefetch thread): seconds per step, host
+  seconds per step spent waiting for the next batch, bytes per example sent."""
+  from structvit_jax import device_input
   from structvit_jax.data import pipeline
   nproc = jax.process_count()
   inp = pipeline.create_input(bench.config, "train", bench.batch // nproc,
-                              process_index=jax.process_index(), process_count=nproc)
-  it = inp.iterator
+                              process_index=jax.process_index(), process_count=nproc,
+                              uint8=True)
+  sent = {"bytes": 0}
 
-  def next_batch():
-    b = next(it)
-    local = dict(image=np.asarray(b["image"], np.float32),
-                 label=np.asarray(b["label"], np.int32), mask=np.ones(len(b["label"]), bool))
-    return shard_lib.global_batch(bench.mesh, local)
+  def put(b):
+    local = dict(image=b["image"], label=b["label"])
+    sent["bytes"] = sum(v[0].nbytes for v in local.values())
+    return shard_lib.global_batch(bench.mesh, {**local, "mask": np.ones(len(b["label"]), bool)})
 
+  it = device_input.DevicePrefetcher(inp.iterator, put)
+  next_batch = lambda: next(it)
   try:
     out = None
     for _ in range(max(1, warmup)):  # worker start-up and first reads stay out
@@ -255,9 +266,8 @@ def time_pipeline(bench: Bench, step, warmup: int, steps: int) -> dict[str, floa
     jax.block_until_ready(out)
     total = time.perf_counter() - t0
   finally:
-    if hasattr(it, "close"):
-      it.close()
-  return dict(step_s=total / steps, fetch_s=fetch / steps)
+    it.close()
+  return dict(step_s=total / steps, fetch_s=fetch / steps, bytes_per_example=sent["bytes"])
 
 
 _SKIP_EVENTS = ("ThreadpoolListener", "end: ", "ThunkExecutor", "PjitFunction", "$",
@@ -364,6 +374,7 @@ def measure(a, bench: Bench, row: dict[str, Any], mode: str, ndev: int,
   if a.data == "pipeline":
     p = time_pipeline(bench, step, a.warmup, max(a.steps, 2))
     row.update(pipeline_step_ms=p["step_s"] * 1e3, pipeline_fetch_ms=p["fetch_s"] * 1e3,
+               pipeline_bytes_per_example=p["bytes_per_example"],
                pipeline_per_sec=batch / p["step_s"],
                data_wait_pct=100 * max(0.0, 1 - step_s / p["step_s"]))
   return row
@@ -417,8 +428,9 @@ def footer(a) -> list[str]:
   ]
   if a.data == "pipeline":
     lines.append("data wait: 1 - (step time on pre-placed inputs) / (step time fed by "
-                 "create_input on the synthetic dataset); note gives the pipeline's own "
-                 "rate and host ms per batch (next() + transfer).")
+                 "create_input on the synthetic dataset: uint8, normalised in the step, "
+                 "prefetched to the devices as the trainer does); note gives the pipeline's "
+                 "own rate, host ms per batch waiting for it, and bytes per example sent.")
   return lines
 
 
@@ -547,7 +559,8 @@ def main(argv=None) -> int:
             ok = True
             if a.data == "pipeline" and not a.compile_only:
               row["note"] = (f"pipeline {row['pipeline_per_sec']:.1f} ex/s, "
-                             f"{row['pipeline_fetch_ms']:.0f} ms/batch on host"
+                             f"{row['pipeline_fetch_ms']:.0f} ms/batch on host, "
+                             f"{row['pipeline_bytes_per_example']} B/example"
                              + ("; data-bound" if row["data_wait_pct"] > 5 else ""))
           except Exception as e:
             mode_err = e

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from structvit_jax import checkpoint as ckpt_lib
+from structvit_jax import device_input
 from structvit_jax import metrics as metrics_lib
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
@@ -44,9 +45,10 @@ class TrainState:
 
 def create_input(config, split, local_batch_size, seed):
   from structvit_jax import data as data_lib  # data is independent of the trainer
+  # uint8 batches: normalised (and erased) in the jitted steps (device_input.py).
   return data_lib.create_input(config, split=split, local_batch_size=local_batch_size,
                                process_index=jax.process_index(),
-                               process_count=jax.process_count(), seed=seed)
+                               process_count=jax.process_count(), seed=seed, uint8=True)
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
@@ -92,13 +94,19 @@ def _variables(params, batch_stats):
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict, num_classes: int
+               config: ml_collections.ConfigDict, num_classes: int,
+               normalization: device_input.Normalization | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update. uint8 images are normalised with `normalization` (the dataset's, a
+  constant) and randomly erased where the batch has `erase` boxes, before mixup."""
   # Randomness depends only on (seed, step) and global shapes, never on the device count
   # (threefry is partitionable), so 1 and 8 devices draw the same mixup and drop path.
-  mix_rng, drop_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  mix_rng, drop_rng = jax.random.split(step_rng)
+  erase_rng = jax.random.fold_in(step_rng, 1)  # apart from the split: mixup keys unchanged
   images, targets = mixup_lib.mixup_cutmix(
-      mix_rng, batch["image"], batch["label"], num_classes,
+      mix_rng, device_input.images(batch, normalization, erase_rng), batch["label"],
+      num_classes,
       mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
       switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing)
 
@@ -149,23 +157,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module, outputs=evaluators.Classification.outputs) -> dict[str, Any]:
-  """The evaluator's sums over the batch (`outputs`: the evaluator's, data/evaluators.py)."""
-  return outputs(model.apply(_variables(params, batch_stats), batch["image"], train=False),
-                 batch)
+              model: nn.Module, outputs=evaluators.Classification.outputs,
+              normalization: device_input.Normalization | None = None) -> dict[str, Any]:
+  """The evaluator's sums over the batch (`outputs`: the evaluator's, data/evaluators.py);
+  uint8 images are normalised with `normalization` first."""
+  x = device_input.images(batch, normalization)
+  return outputs(model.apply(_variables(params, batch_stats), x, train=False), batch)
 
 
 def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
              evaluator: evaluators.Classification) -> dict[str, float]:
   """One exact pass (padded last batch, masked) of `eval_fn` (an eval_step with
   evaluator's `outputs`); returns `evaluator.result()`."""
-  it = eval_inp.make_eval_iterator()
-  for local in it:
-    batch = shard_lib.global_batch(mesh, {k: local[k] for k in evaluator.keys if k in local})
-    with jax.set_mesh(mesh):
-      evaluator.update(eval_fn(params, batch_stats, batch))
-  if hasattr(it, "close"):
-    it.close()
+  batches = device_input.DevicePrefetcher(
+      eval_inp.make_eval_iterator(),
+      lambda local: shard_lib.global_batch(mesh, {k: local[k] for k in evaluator.keys
+                                                  if k in local}))
+  try:
+    for batch in batches:
+      with jax.set_mesh(mesh):
+        evaluator.update(eval_fn(params, batch_stats, batch))
+  finally:
+    batches.close()
   return evaluator.result()
 
 
@@ -281,12 +294,14 @@ class _Setup:
     data = shard_lib.batch_sharding(self.mesh)
     self.new_evaluator = lambda: evaluators.evaluator_for(config)
     self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model,
-                                             outputs=self.new_evaluator().outputs),
+                                             outputs=self.new_evaluator().outputs,
+                                             normalization=self.eval_inp.normalization),
                            in_shardings=(self.shardings.params, self.shardings.batch_stats,
                                          data), out_shardings=repl)
     self.train_fn = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-                          config=config, num_classes=self.num_classes),
+                          config=config, num_classes=self.num_classes,
+                          normalization=self.train_inp.normalization if train else None),
         in_shardings=(self.shardings, data), out_shardings=(self.shardings, repl),
         donate_argnums=0)
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -433,9 +448,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       fetch(pending)
       pending = None
 
+  batches = None  # the global batches, read ahead on a thread (device_input.py)
+
   def save(s):
     flush()  # never checkpoint a state that came from a non-finite loss
-    setup.ckpt.save(s, state, train_iter)
+    # The input position after the last batch the steps took, not after the read-ahead.
+    setup.ckpt.save(s, state, batches)
 
   # The step dispatch runs under a transfer guard ('disallow' by default): an implicit
   # device->host or host->device transfer there (a host sync, or a numpy input that makes
@@ -443,9 +461,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # fetched one step late, outside the guard, with an explicit jax.device_get.
   guard = config.get("transfer_guard", "disallow")
   try:
+    # The next batches are read and put on the devices while the current step runs.
+    batches = device_input.DevicePrefetcher(
+        train_iter, lambda b: shard_lib.global_batch(setup.mesh, _train_batch(b)))
     while step < total:
-      t0 = time.perf_counter()  # time blocked on the input pipeline + host->device copy
-      batch = shard_lib.global_batch(setup.mesh, _train_batch(train_iter))
+      t0 = time.perf_counter()  # time the step waits for its batch (on the devices)
+      batch = next(batches)
       progress.add_data_time(time.perf_counter() - t0)
       # The mesh in context lets kernels that must be shard_mapped (Pallas flash attention on
       # a multi-chip TPU, models/attention.py) see it at trace time.
@@ -497,13 +518,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sigterm.restore_handler()
     setup.ckpt.close()
     writer.close()
-    if hasattr(train_iter, "close"):
+    if batches is not None:
+      batches.close()  # closes train_iter
+    elif hasattr(train_iter, "close"):
       train_iter.close()
 
 
-def _train_batch(it) -> dict[str, np.ndarray]:
-  b = next(it)
-  return {k: b[k] for k in ("image", "label", "bad") if k in b}  # 'bad': optional
+def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  # 'bad', 'erase' (random-erasing boxes): optional
+  return {k: b[k] for k in ("image", "label", "bad", "erase") if k in b}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,

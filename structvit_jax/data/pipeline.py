@@ -8,6 +8,8 @@ state is saved in the trainer's checkpoints. Eval: the split is padded (wrapping
 `mask` marks the padding) to a multiple of the global batch, each process takes every
 process_count-th batch: every example seen once, the same batch count on every process.
 `_BUILDERS`: (config.data, split name, train) -> `DatasetSpec` (source, transforms, metadata).
+`uint8=True` (the trainer's input) leaves normalisation and random erasing to the jitted step
+(`device_side`; docs/input_pipeline.md).
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ def warn_bad_once(key: str, message: str, *args: Any) -> None:
 
 
 class Normalize(grain.transforms.Map):
-  """uint8 image/clip -> float32 (x/255 - mean) / std."""
+  """uint8 image/clip -> float32 (x/255 - mean) / std. The trainer's input leaves it to the
+  jitted step (`create_input(uint8=True)`, device_input.normalize), with these constants."""
 
   def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    self.stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
     self.mean = np.asarray(mean, np.float32) * 255.0
     self.scale = 1.0 / (np.asarray(std, np.float32) * 255.0)
 
@@ -81,29 +85,48 @@ class RandomErasing(grain.transforms.RandomMap):
   """timm RandomErasing, mode 'pixel', one box, on the normalised image or clip: with
   probability p a box of 2%-1/3 of the area and aspect in [0.3, 1/0.3] is filled with
   N(0, 1) noise; a clip gets the same box on every frame (SlowFast's `cube` erasing) and
-  fresh noise per frame."""
+  fresh noise per frame. `EraseBox` is its uint8-input form (the box only)."""
 
   def __init__(self, probability: float = 0.25, min_area: float = 0.02,
                max_area: float = 1 / 3, min_aspect: float = 0.3):
     self.p, self.min_area, self.max_area = probability, min_area, max_area
     self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  def box(self, shape: Sequence[int], rng: np.random.Generator
+          ) -> tuple[int, int, int, int] | None:
+    """(top, left, h, w) of the box to erase in an image/clip of `shape`, or None."""
     if rng.random() > self.p:
-      return element
-    img = element["image"]
-    *lead, h_img, w_img, c = img.shape
+      return None
+    *_, h_img, w_img, _ = shape
     for _ in range(10):
       target = rng.uniform(self.min_area, self.max_area) * h_img * w_img
       aspect = math.exp(rng.uniform(*self.log_aspect))
       h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
       if w < w_img and h < h_img:
-        top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
-        img = img.copy()
-        img[..., top:top + h, left:left + w, :] = rng.standard_normal((*lead, h, w, c),
-                                                                      np.float32)
-        return {**element, "image": img}
-    return element
+        return int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1)), h, w
+    return None
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    img = element["image"]
+    box = self.box(img.shape, rng)
+    if box is None:
+      return element
+    top, left, h, w = box
+    *lead, _, _, c = img.shape
+    img = img.copy()
+    img[..., top:top + h, left:left + w, :] = rng.standard_normal((*lead, h, w, c), np.float32)
+    return {**element, "image": img}
+
+
+class EraseBox(RandomErasing):
+  """RandomErasing for uint8 images/clips, whose erased pixels cannot be uint8: draws the same
+  box from the same rng draws and emits it as `erase` = int32 [top, left, h, w] (h = w = 0:
+  nothing erased); the jitted step fills it with N(0, 1) noise after normalising
+  (device_input.erase; docs/input_pipeline.md)."""
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    box = self.box(element["image"].shape, rng)
+    return {**element, "erase": np.asarray(box or (0, 0, 0, 0), np.int32)}
 
 
 class AddMask(grain.transforms.MapWithIndex):
@@ -201,6 +224,9 @@ class Input:
   num_classes: int
   input_shape: tuple[int, ...]            # per example: (H, W, 3) or (T, H, W, 3)
   num_eval_batches: int                   # batches each process yields per eval pass
+  # uint8=True: the (mean, std) the consumer must normalise the uint8 images with (on the
+  # device: device_input.normalize); None: the pipeline normalised them (float32).
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def _apply(ds: grain.MapDataset, transforms: Sequence[Transform]) -> grain.MapDataset:
@@ -241,9 +267,34 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   return it
 
 
+def device_side(transforms: Sequence[Transform]
+                ) -> tuple[tuple[Transform, ...], tuple[tuple[float, ...], ...] | None]:
+  """(transforms for uint8 output, the (mean, std) left to the device): `Normalize` is
+  dropped and `RandomErasing` becomes `EraseBox`; the ops between them see uint8."""
+  ops, stats = [], None
+  for t in transforms:
+    if isinstance(t, Normalize):
+      if stats is not None and t.stats != stats:
+        raise ValueError(f"two normalisations in one pipeline: {stats} and {t.stats}")
+      stats = t.stats
+    elif isinstance(t, RandomErasing) and not isinstance(t, EraseBox):
+      box = EraseBox(t.p, t.min_area, t.max_area)
+      box.log_aspect = t.log_aspect
+      ops.append(box)
+    else:
+      ops.append(t)
+  return tuple(ops), stats
+
+
 def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size: int,
-                 process_index: int = 0, process_count: int = 1, seed: int = 0) -> Input:
-  """Builds the input of `split` ('train' | 'eval') for one process (module docstring)."""
+                 process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 uint8: bool = False) -> Input:
+  """Builds the input of `split` ('train' | 'eval') for one process (module docstring).
+
+  uint8: images/clips stay uint8 (a quarter of float32's bytes from the workers to the
+  devices); normalisation, and random erasing (its box drawn here, in `erase`), are left
+  to the jitted step with `Input.normalization` (device_input.py). Otherwise float32,
+  normalised here."""
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   if not 0 <= process_index < process_count:
@@ -257,6 +308,18 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
   global_batch = local_batch_size * process_count
   workers = int(config.data.num_workers)
 
+  # Eval always uses the deterministic transforms (no augmentation), even on the train split.
+  eval_spec = spec if not train else get_dataset(config, split_name, train=False)
+  normalization = None
+  if uint8:
+    ops, normalization = device_side(spec.transforms)
+    eval_ops, eval_normalization = device_side(eval_spec.transforms)
+    if train and eval_normalization != normalization:
+      raise ValueError(f"{split_name!r}: train and eval normalise differently "
+                       f"({normalization} vs {eval_normalization})")
+    spec = dataclasses.replace(spec, transforms=ops)
+    eval_spec = dataclasses.replace(eval_spec, transforms=eval_ops)
+
   iterator = None
   if train:
     if num_examples < global_batch:
@@ -267,8 +330,6 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
     ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
     iterator = iter(_to_iter(ds, workers))
 
-  # Eval always uses the deterministic transforms (no augmentation), even on the train split.
-  eval_spec = spec if not train else get_dataset(config, split_name, train=False)
   num_eval_batches = math.ceil(num_examples / global_batch)
   padded = num_eval_batches * global_batch
 
@@ -282,4 +343,5 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
 
   return Input(iterator=iterator, make_eval_iterator=make_eval_iterator,
                num_examples=num_examples, num_classes=spec.num_classes,
-               input_shape=spec.input_shape, num_eval_batches=num_eval_batches)
+               input_shape=spec.input_shape, num_eval_batches=num_eval_batches,
+               normalization=normalization)

@@ -5,8 +5,9 @@ They follow timm (which DeiT uses) op for op: RandomResizedCrop (bicubic), horiz
 flip, RandAugment (`rand_augment_transform`: its op lists, level functions, per-op
 probability 0.5, gaussian magnitude noise, fill = ImageNet mean), ImageNet
 normalisation, then RandomErasing ('pixel' mode: per-pixel N(0, 1) on the normalised
-image). All randomness comes from the np.random.Generator grain hands each RandomMap
-(seeded per example), so a pipeline is deterministic given its seed.
+image; for the trainer's uint8 input both run in the jitted step: docs/input_pipeline.md).
+All randomness comes from the np.random.Generator grain hands each RandomMap (seeded per
+example), so a pipeline is deterministic given its seed.
 """
 
 from __future__ import annotations

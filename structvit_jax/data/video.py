@@ -18,11 +18,12 @@ Temporal sampling (frame indices into the file's frames; L = number of frames):
 Spatial: train: short side to a size drawn as SlowFast (inverse-uniform in scale_jitter),
 random image_size crop, RandAugment (config.data.randaugment, the same ops on every frame),
 flip unless random_flip=False, normalise, random erasing (config.data.random_erase, one box
-through all frames). Test (preprocessing.eval_spec): short side to image_size, then
-crop k of test_crops: 1 -> centre; 3 -> left/centre/right along the long side (SlowFast
-`uniform_crop`). Eval emits each video's test_clips x test_crops views as separate examples
-(view = clip * test_crops + crop) with its `video_id`; the trainer averages their softmax
-scores per video (SlowFast/UniFormer sum softmax scores over views).
+through all frames; for the trainer's uint8 input the normalisation and the erasing noise
+run in the jitted step: docs/input_pipeline.md). Test (preprocessing.eval_spec): short side
+to image_size, then crop k of test_crops: 1 -> centre; 3 -> left/centre/right along the long
+side (SlowFast `uniform_crop`). Eval emits each video's test_clips x test_crops views as
+separate examples (view = clip * test_crops + crop) with its `video_id`; the trainer averages
+their softmax scores per video (SlowFast/UniFormer sum softmax scores over views).
 
 Bad data: an unreadable or missing video is logged once per process with its path and
 counted in the per-example field `bad` (int32). Train: replaced by another video drawn from
