@@ -44,6 +44,7 @@ class CheckpointSaveError(CheckpointError):
 def list_steps(directory: str) -> list[int]:
   """The finished checkpoint steps in `directory`, ascending, by Orbax's step-name format
   (the one CheckpointManager uses): temporary and renamed-unusable directories excluded."""
+  paths.forget_listings(directory)  # gs://: steps other processes saved since the last look
   if not paths.isdir(directory):
     return []
   return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))

@@ -129,6 +129,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
   from structvit_jax.data.preprocessing import eval_spec
+  paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
   if paths.exists(out) and not paths.isdir(out):
     raise ExportError(f"--out={out} is a file; give a new directory (or an earlier export "
                       "to replace)")

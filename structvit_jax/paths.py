@@ -41,6 +41,14 @@ def abspath(path: PathLike) -> str:
   return os.fspath(path) if is_remote(path) else os.path.abspath(path)
 
 
+def forget_listings(path: PathLike) -> None:
+  """gcsfs caches directory listings for the life of the process: forget them, so that what
+  other processes wrote since (the other hosts, a trainer that a notebook watches) is seen."""
+  if is_remote(path):
+    from etils.epath import backend
+    backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+
+
 def exists(path: PathLike) -> bool:
   return epath(path).exists() if is_remote(path) else os.path.exists(path)
 

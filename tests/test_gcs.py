@@ -87,6 +87,7 @@ def run(gcs, tmp_path_factory):
   resumed = subprocess.run([sys.executable, "-m", "structvit_jax.main", *args], env=env,
                            cwd=REPO, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-5000:]
+  paths.forget_listings(WORKDIR)  # this process listed the bucket before the resume wrote
   return resumed.stderr
 
 
