@@ -18,10 +18,12 @@
 #   ZONE              required. Zone of the slice, e.g. us-central2-b (v4), europe-west4-a.
 #   WORKDIR           required. Checkpoints, TensorBoard events, eval_results.jsonl. Every
 #                     worker writes its shards of each checkpoint there, so it must be one
-#                     directory seen at the same absolute path by all workers: an NFS /
-#                     Filestore mount or a Cloud Storage FUSE (gcsfuse) mount of a bucket.
-#                     A bare gs:// URL is refused: the trainer writes config.json and
-#                     eval_results.jsonl with plain file I/O.
+#                     place all workers see: a Cloud Storage URL gs://BUCKET/PATH (the
+#                     workers' service account needs write access), or an absolute path on
+#                     an NFS / Filestore or Cloud Storage FUSE (gcsfuse) mount present at
+#                     that path on every worker. Other URL schemes are refused, and so is
+#                     --config.data.data_dir=gs://...: datasets are read from a local disk or
+#                     a mount.
 #   ACCELERATOR_TYPE  TPU type and size when creating the slice (default v4-32).
 #   RUNTIME_VERSION   TPU VM software version when creating (default tpu-ubuntu2204-base).
 #   PROJECT           Google Cloud project (default: gcloud's configured core/project).
@@ -58,14 +60,19 @@ if ((${#missing[@]})); then
   echo "error: set ${missing[*]} (see the variables below)." >&2
   usage
 fi
-if [[ "$WORKDIR" == gs://* ]]; then
-  echo "error: WORKDIR=$WORKDIR: gs:// URLs are not supported (the trainer writes" \
-       "config.json and eval_results.jsonl with plain file I/O). Mount the bucket with" \
-       "Cloud Storage FUSE (gcsfuse) or use an NFS/Filestore share at the same path on" \
-       "every worker, and pass that path." >&2
+if [[ "$WORKDIR" == *://* && ! "$WORKDIR" =~ ^gs://[^/]+ ]]; then
+  echo "error: WORKDIR=$WORKDIR: the only URL workdirs supported are Cloud Storage ones," \
+       "gs://BUCKET/PATH; or pass an absolute path on storage shared by all workers." >&2
   exit 2
 fi
-if [[ "$WORKDIR" != /* ]]; then
+for arg in "$@"; do
+  if [[ "$arg" == --config.data.data_dir=*://* ]]; then
+    echo "error: $arg: datasets are read from a local disk or a mount (NFS, gcsfuse) on" \
+         "every worker, not from a URL; copy the prepared dataset there." >&2
+    exit 2
+  fi
+done
+if [[ "$WORKDIR" != gs://* && "$WORKDIR" != /* ]]; then
   echo "error: WORKDIR=$WORKDIR must be an absolute path on storage shared by all workers." >&2
   exit 2
 fi
@@ -132,10 +139,14 @@ fi
 train=(python -m structvit_jax.main --config="$CONFIG" --workdir="$WORKDIR"
        --config.distributed.enabled=True "$@")
 train_cmd=$(printf '%q ' "${train[@]}")
-# A missing mount would leave each worker writing its own local directory: refuse instead.
-parent=$(q "$(dirname "$WORKDIR")")
-run="set -e; [ -d $parent ] || { echo \"error: \$(hostname): $parent does not exist; mount the shared storage of WORKDIR on every worker\" >&2; exit 1; }
-. ~/structvit_venv/bin/activate && cd ~/$(q "$REMOTE_DIR")"
+run="set -e; "
+if [[ "$WORKDIR" != gs://* ]]; then
+  # A missing mount would leave each worker writing its own local directory: refuse instead.
+  parent=$(q "$(dirname "$WORKDIR")")
+  run+="[ -d $parent ] || { echo \"error: \$(hostname): $parent does not exist; mount the shared storage of WORKDIR on every worker\" >&2; exit 1; }
+"
+fi
+run+=". ~/structvit_venv/bin/activate && cd ~/$(q "$REMOTE_DIR")"
 if [[ "${DETACH:-0}" == 1 ]]; then
   run+=" && nohup $train_cmd > train.log 2>&1 < /dev/null &"
 else

@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from structvit_jax import errors
+from structvit_jax import paths
 
 _single_process_handler = False
 
@@ -43,7 +44,8 @@ class CheckpointSaveError(CheckpointError):
 def list_steps(directory: str) -> list[int]:
   """The finished checkpoint steps in `directory`, ascending, by Orbax's step-name format
   (the one CheckpointManager uses): temporary and renamed-unusable directories excluded."""
-  if not os.path.isdir(directory):
+  paths.forget_listings(directory)  # gs://: steps other processes saved since the last look
+  if not paths.isdir(directory):
     return []
   return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
 
@@ -91,19 +93,19 @@ def state_metadata(state_dir: str) -> Any:
 def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | None:
   """(short tag, explanation) for what is visibly missing in a step directory, else None."""
   state = os.path.join(step_dir, "state")
-  if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+  if not paths.isdir(step_dir) or not paths.listdir(step_dir):
     return "empty", "the step directory is empty"
-  if not os.path.isdir(state):
+  if not paths.isdir(state):
     return "no-state", "it has no state/ directory"
-  if not os.path.isfile(os.path.join(state, "_METADATA")):
+  if not paths.isfile(os.path.join(state, "_METADATA")):
     return "no-metadata", "state/_METADATA is missing"
-  if not os.path.isfile(os.path.join(state, "manifest.ocdbt")):
+  if not paths.isfile(os.path.join(state, "manifest.ocdbt")):
     return "no-manifest", "state/manifest.ocdbt is missing"
-  if not any(files for root, _, files in os.walk(state) if os.path.basename(root) == "d"):
+  if not any(files for root, _, files in paths.walk(state) if os.path.basename(root) == "d"):
     return "no-arrays", "its array files (state/**/d/) are gone"
   if with_data_iter:
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not os.path.isfile(os.path.join(step_dir, "data_iter", name)):
+    if not paths.isfile(os.path.join(step_dir, "data_iter", name)):
       return "no-data-iter", f"data_iter/{name} (the input position) is missing"
   return None
 
@@ -184,10 +186,10 @@ class Checkpointer:
   def _move_aside(self, step: int, tag: str) -> str:
     src = os.path.join(self.directory, str(step))
     dst, i = f"{src}.unusable-{tag}", 1
-    while os.path.exists(dst):
+    while paths.exists(dst):
       i += 1
       dst = f"{src}.unusable-{tag}-{i}"
-    os.rename(src, dst)
+    paths.rename(src, dst)  # on GCS: a copy of every object, then a delete
     return dst
 
   def restore(self, abstract_state: Any, step: int | None = None,

@@ -81,14 +81,17 @@ def _verbose(argv: Sequence[str]) -> bool:
 
 def _write_log(workdir: str | None, argv: Sequence[str]) -> str | None:
   """Appends the current exception's traceback to WORKDIR/error.log; returns the path."""
-  if not workdir or not os.path.isdir(workdir):
+  from structvit_jax import paths
+  if not workdir:
     return None
   path = os.path.join(workdir, "error.log")
   try:
-    with open(path, "a") as f:
-      f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
-              f"{' '.join(argv)}\n{traceback.format_exc()}\n")
-  except OSError:
+    if not paths.isdir(workdir):
+      return None
+    # A gs:// workdir has no append: paths.append_text rewrites the object.
+    paths.append_text(path, f"--- {datetime.datetime.now().isoformat(timespec='seconds')} "
+                      f"{' '.join(argv)}\n{traceback.format_exc()}\n")
+  except Exception:  # noqa: BLE001  (a full disk, no bucket access: the error line suffices)
     return None
   return path
 

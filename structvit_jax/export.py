@@ -23,6 +23,7 @@ import numpy as np
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import errors
 from structvit_jax import inference
+from structvit_jax import paths
 
 
 class ExportError(errors.UserError, RuntimeError):
@@ -55,7 +56,7 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
                      steps: list[int]) -> dict[str, Any]:
   """The arrays of checkpoint `step`, after checking they are complete and are the
   recorded model's; else ExportError naming the step, why, and the --step to try."""
-  step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  step_dir = os.path.join(paths.abspath(workdir), "checkpoints", str(step))
   older = [s for s in steps if s < step]
   hint = f"; export an older step with --step={older[-1]}" if older else ""
   bad = ckpt_lib.unusable_reason(step_dir, with_data_iter=False)
@@ -87,14 +88,13 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise ExportError(
         f"{path} not found: the model config is written there when training starts "
         f"(python -m structvit_jax.main --config=... --workdir={workdir}); runs from before "
         f"it was written: start that command again with the same config (it resumes from "
         f"the newest checkpoint and writes config.json).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -129,10 +129,11 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   """Writes the export of `workdir` to `out`; returns a one-line summary."""
   from structvit_jax import train
   from structvit_jax.data.preprocessing import eval_spec, eval_views
-  if os.path.exists(out) and not os.path.isdir(out):
+  paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
+  if paths.exists(out) and not paths.isdir(out):
     raise ExportError(f"--out={out} is a file; give a new directory (or an earlier export "
                       "to replace)")
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise ExportError(f"--workdir={workdir} is not a directory (the --workdir of a "
                       "training run)")
   config = read_config(workdir)
@@ -155,7 +156,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
                         {**eval_spec(config.data), **eval_views(config.data)}, names,
-                        source=f"{os.path.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
+                        source=f"{paths.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
   return (f"exported {config.model.name} step {step} ({'EMA' if ema else 'raw'} params, "
           f"{num_classes} classes) from {workdir} to {out}")
 

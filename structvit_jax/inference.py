@@ -98,16 +98,16 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
       raise ValueError(f"{len(class_names)} class names for num_classes={n}")
   tree = {"params": jax.device_get(variables["params"]),
           "batch_stats": jax.device_get(variables.get("batch_stats") or {})}
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  from structvit_jax import paths
+  out_dir = paths.abspath(out_dir)
+  paths.makedirs(out_dir)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
-  with open(os.path.join(out_dir, "model.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  paths.write_text(os.path.join(out_dir, "model.json"), json.dumps(meta, indent=2))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -128,16 +128,16 @@ def restore_arrays(path: str) -> dict[str, Any]:
 
 def load(export_dir: str) -> "Predictor":
   """Opens an export written by `save_export` (from export.py or convert.py)."""
+  from structvit_jax import paths
   from structvit_jax.models import get_model
   meta_path = os.path.join(export_dir, "model.json")
-  if not os.path.isfile(meta_path):
+  if not paths.isfile(meta_path):
     raise FileNotFoundError(f"{export_dir} is not a structvit_jax export: no model.json "
                             f"(write one with python -m structvit_jax.export)")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(meta_path))
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  tree = restore_arrays(os.path.join(os.path.abspath(export_dir), "params"))
+  tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
     variables["batch_stats"] = tree["batch_stats"]

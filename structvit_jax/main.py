@@ -67,6 +67,10 @@ def check_config(config) -> None:
         raise errors.UserError(
             f"--config.{name}={bs}: must be divisible by the {ndev} devices "
             f"(e.g. --config.{name}={max(ndev, bs // ndev * ndev)})")
+  if "://" in config.data.get("data_dir", ""):
+    raise errors.UserError(
+        f"--config.data.data_dir={config.data.data_dir}: datasets are read from a local "
+        "disk or a mount (NFS, gcsfuse), not from a URL; copy the prepared dataset there")
   if config.data.name.startswith("synthetic_"):  # sizes known without reading data
     n = config.data.train_examples
     if not config.eval_only and config.batch_size > n:
@@ -75,8 +79,31 @@ def check_config(config) -> None:
           f"(config.data.train_examples); lower it or raise train_examples")
 
 
+def check_remote_workdir(workdir: str) -> None:
+  """A gs://bucket/path workdir: writes and deletes a probe object; a wrong scheme, a
+  missing bucket or no write access is one UserError."""
+  from structvit_jax import paths
+  scheme = workdir.split("://", 1)[0]
+  if scheme != "gs" or not workdir[len("gs://"):].strip("/"):
+    raise errors.UserError(f"--workdir={workdir}: a URL workdir must be gs://BUCKET[/PATH] "
+                           "(Cloud Storage); other schemes are not supported")
+  probe = f"{workdir.rstrip('/')}/.write_test_{uuid.uuid4().hex}"
+  try:
+    paths.write_text(probe, "")
+    paths.remove(probe)
+  except Exception as e:  # noqa: BLE001  (gcsfs raises OSError, HttpError, auth errors)
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise errors.UserError(
+        f"--workdir={workdir} is not writable ({cause}); check "
+        "the bucket exists and your credentials may write to it (gcloud auth "
+        "application-default login, or the VM's service account)") from e
+
+
 def check_workdir(workdir: str) -> None:
   """Creates workdir; a file or an unwritable place is one UserError."""
+  if "://" in workdir:
+    check_remote_workdir(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
                            "or existing directory")

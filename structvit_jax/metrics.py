@@ -3,12 +3,13 @@ progress line with throughput and ETA."""
 
 import json
 import os
-import tempfile
 import time
 from typing import Mapping
 
 from absl import logging
 import jax
+
+from structvit_jax import paths
 
 
 class WriteError(OSError):
@@ -16,44 +17,56 @@ class WriteError(OSError):
 
 
 def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file in the same directory and a rename:
-  a reader (or a run killed half-way, or a full disk) sees the old file or the new one,
-  never a truncated one."""
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = None
+  """Writes `text` to `path` so that a reader (or a run killed half-way, or a full disk) sees
+  the old file or the new one, never a truncated one (paths.write_atomic: local or gs://)."""
   try:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    tmp = None
+    paths.write_atomic(path, text)
   except OSError as e:
     raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
 
 
 def read_eval_records(workdir: str) -> list[dict]:
   """The records of <workdir>/eval_results.jsonl (empty when there is none)."""
   path = os.path.join(workdir, "eval_results.jsonl")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 class MetricWriter:
-  """Writes scalars to <workdir>/tensorboard on process 0; a no-op elsewhere."""
+  """Writes scalars to <workdir>/tensorboard on process 0; a no-op elsewhere.
 
-  def __init__(self, workdir: str):
+  With a gs:// workdir the event file is written to a local temporary directory and copied
+  to <workdir>/tensorboard (`sync`) at most every `sync_every_s` seconds, at every eval
+  record and at close: GCS has no append, so each copy uploads the whole file, and
+  tensorboardX's own gs:// writer would upload it at every log step."""
+
+  def __init__(self, workdir: str, sync_every_s: float = 60.0):
     self.writer = None
     self.workdir = workdir
+    self._remote = paths.is_remote(workdir)
+    self._sync_every_s = sync_every_s
+    self._synced_at = time.monotonic()
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # only process 0 needs it
-      self.writer = SummaryWriter(logdir=f"{workdir}/tensorboard")
+      if self._remote:
+        import tempfile
+        self._local_dir = tempfile.mkdtemp(prefix="structvit_tb_")
+        # The pid keeps two writers started in the same second (the file name has the
+        # time in seconds and the host) from replacing each other's file in the bucket.
+        self.writer = SummaryWriter(logdir=self._local_dir, filename_suffix=f".{os.getpid()}")
+      else:
+        self.writer = SummaryWriter(logdir=f"{workdir}/tensorboard")
+
+  def sync(self) -> None:
+    """Copies the local event files of a gs:// workdir to <workdir>/tensorboard."""
+    if self.writer is None or not self._remote:
+      return
+    self.writer.flush()
+    for name in os.listdir(self._local_dir):
+      paths.copy_file(os.path.join(self._local_dir, name),
+                      f"{self.workdir}/tensorboard/{name}")
+    self._synced_at = time.monotonic()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self.writer is None:
@@ -61,17 +74,20 @@ class MetricWriter:
     for k, v in values.items():
       self.writer.add_scalar(k, float(v), step)
     self.writer.flush()
+    if self._remote and time.monotonic() - self._synced_at >= self._sync_every_s:
+      self.sync()
 
   def eval_record(self, step: int, results: Mapping[str, float]) -> None:
     """Appends {'step', **results} to <workdir>/eval_results.jsonl (scripts, notebooks)."""
     if self.writer is not None:
       # Rewritten whole and renamed (write_atomic): a full disk never truncates the records.
       path = os.path.join(self.workdir, "eval_results.jsonl")
-      old = open(path).read() if os.path.isfile(path) else ""
+      old = paths.read_text(path) if paths.isfile(path) else ""
       if old and not old.endswith("\n"):
         old += "\n"
       record = {"step": int(step), **{k: float(v) for k, v in results.items()}}
       write_atomic(path, old + json.dumps(record) + "\n")
+      self.sync()
 
   def text(self, tag: str, value: str, step: int = 0) -> None:
     if self.writer is not None:
@@ -80,6 +96,13 @@ class MetricWriter:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+      if self._remote:
+        try:
+          self.sync()
+        finally:
+          import shutil
+          shutil.rmtree(self._local_dir, ignore_errors=True)
+      self.writer = None
 
 
 class Progress:

@@ -26,6 +26,7 @@ from structvit_jax import device_input
 from structvit_jax import metrics as metrics_lib
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
+from structvit_jax import paths
 from structvit_jax import sharding as shard_lib
 from structvit_jax.data import evaluators
 
@@ -229,10 +230,9 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   config that changes a field outside RESUME_MAY_CHANGE."""
   path = os.path.join(workdir, "config.json")
   steps = ckpt_lib.list_steps(os.path.join(workdir, "checkpoints"))
-  if not steps or not os.path.isfile(path):
+  if not steps or not paths.isfile(path):
     return
-  with open(path) as f:
-    recorded = json.load(f)
+  recorded = json.loads(paths.read_text(path))
   changes = config_changes(recorded, config)
   if changes:
     model = recorded.get("model", {}).get("name")

@@ -82,6 +82,10 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(INSTALL_TORCH) from e
   # weights_only=False: official checkpoints also pickle configs. Open only trusted files.
+  from structvit_jax import paths
+  if paths.is_remote(path):  # gs://: read whole, torch.load takes a seekable file
+    import io
+    path = io.BytesIO(paths.epath(path).read_bytes())
   return unwrap(torch.load(path, map_location="cpu", weights_only=False))
 
 
@@ -212,17 +216,17 @@ def fit(src: Mapping[Path, np.ndarray], abstract: Any, init_fn: Callable[[], Any
 def load_source(path: str) -> dict[Path, np.ndarray]:
   """Our variables from an export dir (model.json + params/) or a training checkpoint dir
   (<dir>/<step>/state, the newest step; its params, not EMA)."""
-  from structvit_jax import checkpoint, inference
-  if os.path.isfile(os.path.join(path, "model.json")):
-    tree = inference.restore_arrays(os.path.join(os.path.abspath(path), "params"))
+  from structvit_jax import checkpoint, inference, paths
+  if paths.isfile(os.path.join(path, "model.json")):
+    tree = inference.restore_arrays(os.path.join(paths.abspath(path), "params"))
   else:  # a training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it
     ckdir = os.path.join(path, "checkpoints")
-    ckdir = ckdir if os.path.isdir(ckdir) else path
+    ckdir = ckdir if paths.isdir(ckdir) else path
     steps = checkpoint.list_steps(ckdir)
     if not steps:
       raise FileNotFoundError(f"init_from: {path} is neither a file, an export (model.json) "
                               f"nor a checkpoint directory with steps")
-    tree = inference.restore_arrays(os.path.join(os.path.abspath(ckdir), str(steps[-1]), "state"))
+    tree = inference.restore_arrays(os.path.join(paths.abspath(ckdir), str(steps[-1]), "state"))
   get = tree.get if isinstance(tree, Mapping) else (lambda k: getattr(tree, k))
   return flat_paths({"params": get("params"), "batch_stats": get("batch_stats") or {}})
 
@@ -231,5 +235,6 @@ def init_variables_from(path: str, abstract: Any, init_fn: Callable[[], Any],
                         inflate_mode: str = "", drop_head: bool = False) -> dict:
   """{'params', 'batch_stats'} for a model (abstract variables) from a PyTorch file or one
   of ours (load_source)."""
-  src = from_torch(load_torch_file(path), abstract) if os.path.isfile(path) else load_source(path)
+  from structvit_jax import paths
+  src = from_torch(load_torch_file(path), abstract) if paths.isfile(path) else load_source(path)
   return fit(src, abstract, init_fn, inflate_mode, drop_head)

@@ -87,7 +87,10 @@ def test_tpu_pod_rejects_bad_arguments(tmp_path, fake_gcloud):
   cases = [
       ([], base, "missing CONFIG"),
       (["configs/demo.py"], dict(base, ZONE=""), "set ZONE"),
-      (["configs/demo.py"], dict(base, WORKDIR="gs://bucket/run"), "gs:// URLs"),
+      (["configs/demo.py"], dict(base, WORKDIR="s3://bucket/run"), "only URL workdirs"),
+      (["configs/demo.py"], dict(base, WORKDIR="gs://"), "only URL workdirs"),
+      (["configs/demo.py", "--config.data.data_dir=gs://bucket/tfds"], base,
+       "not from a URL"),
       (["configs/demo.py"], dict(base, WORKDIR="runs/x"), "absolute path"),
   ]
   for args, env, message in cases:
@@ -95,6 +98,19 @@ def test_tpu_pod_rejects_bad_arguments(tmp_path, fake_gcloud):
                        capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr, (args, env, r.stderr)
   assert not fake_gcloud.exists(), "gcloud must not run when the arguments are bad"
+
+
+def test_tpu_pod_takes_a_gcs_workdir(tmp_path, fake_gcloud):
+  env = _clean_env(tmp_path, TPU_NAME="pod", ZONE="us-central2-b", WORKDIR="gs://bkt/run",
+                   FAKE_TPU_EXISTS="1", SKIP_SETUP="1")
+  r = subprocess.run(["bash", str(REPO / "launch/tpu_pod.sh"), "configs/demo.py"],
+                     env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  run = next(a for a in _calls(fake_gcloud)[-1] if a.startswith("--command="))
+  assert "[ -d" not in run  # no mount to check
+  words = shlex.split(run.split("&& ", 2)[-1])
+  assert words == ["python", "-m", "structvit_jax.main", "--config=configs/demo.py",
+                   "--workdir=gs://bkt/run", "--config.distributed.enabled=True"], run
 
 
 def test_tpu_pod_creates_copies_installs_and_trains(tmp_path, fake_gcloud):
