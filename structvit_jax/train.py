@@ -198,6 +198,13 @@ RESUME_MAY_CHANGE = (
 )
 
 
+# Fields added to the configs after runs were started without them, with the value such a
+# run was trained with: resuming it keeps that value (a resume must not change the recipe).
+RESUME_LEGACY_VALUES = {
+    "weight_decay_mask": "no_pos_embed",
+}
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():
@@ -233,6 +240,12 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None
   if not steps or not paths.isfile(path):
     return
   recorded = json.loads(paths.read_text(path))
+  for field, legacy in RESUME_LEGACY_VALUES.items():
+    if field not in recorded and config.get(field, legacy) != legacy:
+      logging.warning("%s: the run started before config field %s existed and trained with "
+                      "%r; resuming with that value (not %r)", workdir, field, legacy,
+                      config[field])
+      config[field] = legacy
   changes = config_changes(recorded, config)
   if changes:
     model = recorded.get("model", {}).get("name")

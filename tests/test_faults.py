@@ -287,3 +287,18 @@ def test_input_workers_exit_when_the_trainer_is_killed(tmp_path):
   finally:
     if p.poll() is None:
       p.kill()
+
+
+def test_resume_of_a_run_older_than_a_field_keeps_the_value_it_trained_with(reference,
+                                                                             tmp_path):
+  # weight_decay_mask came after runs that decayed without the position-encoding convs: a
+  # recipe default of 'timm' must not change such a run's optimiser on resume.
+  workdir = copy_run(reference, tmp_path / "w")
+  recorded = json.loads((workdir / "config.json").read_text())
+  recorded.pop("weight_decay_mask")
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  c = config(weight_decay_mask="timm")
+  train.check_resume_config(c, str(workdir))
+  assert c.weight_decay_mask == train.RESUME_LEGACY_VALUES["weight_decay_mask"]
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="weight_decay_mask"):
+    train.check_resume_config(config(weight_decay_mask="timm"), str(reference[0]))  # recorded
