@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from structvit_jax import export, inference, train
+from structvit_jax import device_input, export, inference, train
 from structvit_jax.data import synthetic, video
 from structvit_jax.models import get_model
 
@@ -66,11 +66,15 @@ def test_logits_and_eval_top1_match_trainer(run):
   inp = train.create_input(config, "eval", 16, config.seed)
   correct = count = 0.0
   for i, batch in enumerate(inp.make_eval_iterator()):
-    got = pred.logits(batch["image"])
+    # The trainer's batches are uint8, normalised in its jitted step; an export takes the
+    # normalised float images (the host pipeline's).
+    assert batch["image"].dtype == np.uint8
+    image = np.asarray(device_input.images(batch, inp.normalization))
+    got = pred.logits(image)
     if i == 0:
       # jitted as in the trainer (eager apply on numpy params trips the depthwise loop)
       apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-      want = np.asarray(apply(variables, batch["image"]))
+      want = np.asarray(apply(variables, image))
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     mask = batch["mask"].astype(np.float64)
     correct += float(((got.argmax(-1) == batch["label"]) * mask).sum())
