@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from structvit_jax import compile_cache
 from structvit_jax import config_utils
 from structvit_jax import errors
 from structvit_jax import train
@@ -104,6 +105,7 @@ def main(argv):
     config.distributed.process_id = FLAGS.process_id
   check_config(config)
   check_workdir(FLAGS.workdir)
+  cache_dir = compile_cache.setup(config.get("compilation_cache_dir", "auto"))
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config"))
   if config.eval_only:
     logging.info("Config: %s\n%s", overrides, config)
@@ -113,6 +115,10 @@ def main(argv):
     logging.info("Config: %s; all values in %s", overrides,
                  os.path.join(FLAGS.workdir, "config.json"))
     train.train_and_evaluate(config, FLAGS.workdir)
+  counts = compile_cache.counts()
+  logging.info("Compilation cache %s: %d XLA programs, %d read from the cache, %d compiled",
+               cache_dir or "off", counts["programs"], counts["hits"],
+               counts["programs"] - counts["hits"])
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 
