@@ -34,18 +34,18 @@ def test_setup_sets_and_turns_off(monkeypatch, tmp_path):
   keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
           "jax_persistent_cache_min_compile_time_secs",
           "jax_persistent_cache_min_entry_size_bytes")
-  before = {k: jax.config.read(k) for k in keys}
+  before = {k: getattr(jax.config, k) for k in keys}
   for k in ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
     monkeypatch.delenv(k, raising=False)
   try:
     assert compile_cache.setup(str(tmp_path / "c")) == str(tmp_path / "c")
-    assert jax.config.read("jax_enable_compilation_cache")
-    assert jax.config.read("jax_compilation_cache_dir") == str(tmp_path / "c")
-    assert jax.config.read("jax_persistent_cache_min_compile_time_secs") == 0.0
-    assert jax.config.read("jax_persistent_cache_min_entry_size_bytes") == -1
+    assert jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == -1
     assert compile_cache.setup("") == ""
-    assert not jax.config.read("jax_enable_compilation_cache")
+    assert not jax.config.jax_enable_compilation_cache
   finally:
     for k, v in before.items():
       jax.config.update(k, v)
