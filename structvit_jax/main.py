@@ -4,7 +4,8 @@ Variants through the config string (configs/in1k_s.py:d=8,stride=1), overrides w
 --config.x=y. The multi-host flags override config.distributed for launchers.
 A mistake in the flags or config is one `error:` line and exit status 2; a fault of the run
 (non-finite loss, disk full) one line and status 1; --verbose shows tracebacks
-(structvit_jax/errors.py).
+(structvit_jax/errors.py). Compiled programs go to a persistent cache
+(config.compilation_cache_dir, structvit_jax/compile_cache.py): a restart compiles nothing.
 """
 
 import difflib
