@@ -35,10 +35,11 @@ FAILED=0
 
 if [ "$DRY" = 1 ]; then
   # Tiny settings: the same code paths, seconds on a CPU.
-  SWEEP=(--model=structvit_tiny --image_size=32 --batch=2 --frames=2 --inputs=image,video
-         --dtype=fp32 --steps=1 --warmup=1 --windows=1)
+  # Inference steps only (the trainer's step compiles in the start-up part).
+  SWEEP=(--model=structvit_tiny --image_size=32 --batch=2 --frames=2 --dtype=fp32
+         --cases=image:fused:infer,video:fused:infer --steps=1 --warmup=1 --windows=1)
   VIDEO=(--model=structvit_tiny --video --image_size=32 --frames=2 --batch=2 --dtype=fp32
-         --attention=fused,reference --mode=train --steps=1 --warmup=1 --windows=1)
+         --attention=fused,reference --mode=infer --steps=1 --warmup=1 --windows=1)
   LAYER=(--grid=2,4,4 --channels=8 --heads=1 --d=2 --train --time --repeats=1)
   DEPTHWISE=(--only="image s1 local" --repeats=1 --budget=0.1)
   STARTUP=(--config=configs/demo.py:train_examples=64 --runs=2 --

@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("## Throughput", "## Fused vs reference StructSA, video",
          "## One StructSA layer, fused vs reference", "## Depthwise convolutions",
          "## Start-up (time to the first step)")
 
 
+@pytest.mark.slow  # five scripts, eight small compiles and two trainer starts
 def test_dry_run_writes_every_part(tmp_path):
   out = tmp_path / "report.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
@@ -19,7 +22,7 @@ def test_dry_run_writes_every_part(tmp_path):
   env.pop("XLA_FLAGS", None)
   r = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_report.sh"), "--dry_run",
                       f"--out={out}"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                     timeout=900)
+                     timeout=1800)
   report = out.read_text()
   assert r.returncode == 0, f"{r.stderr[-3000:]}\n{report[-5000:]}"
   assert "DRY RUN" in report and "FAILED" not in report
