@@ -89,6 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every_steps = 50
   c.transfer_guard = "disallow"    # implicit transfers in the step dispatch: allow/log/disallow
+  # Persistent XLA compilation cache (structvit_jax/compile_cache.py): 'auto' is
+  # $JAX_COMPILATION_CACHE_DIR or ~/.cache/structvit_jax/jax; a path; '' turns it off.
+  c.compilation_cache_dir = "auto"
   c.resume = ""                    # a checkpoint dir to resume from (after workdir's own)
   c.init_from = ml_collections.ConfigDict()  # pretrained init (weights issue)
   c.init_from.checkpoint = ""      # training checkpoint dir, export dir or official .pth

@@ -4,7 +4,8 @@ Variants through the config string (configs/in1k_s.py:d=8,stride=1), overrides w
 --config.x=y. The multi-host flags override config.distributed for launchers.
 A mistake in the flags or config is one `error:` line and exit status 2; a fault of the run
 (non-finite loss, disk full) one line and status 1; --verbose shows tracebacks
-(structvit_jax/errors.py).
+(structvit_jax/errors.py). Compiled programs go to a persistent cache
+(config.compilation_cache_dir, structvit_jax/compile_cache.py): a restart compiles nothing.
 """
 
 import difflib
@@ -18,6 +19,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from structvit_jax import compile_cache
 from structvit_jax import config_utils
 from structvit_jax import errors
 from structvit_jax import train
@@ -131,6 +133,7 @@ def main(argv):
     config.distributed.process_id = FLAGS.process_id
   check_config(config)
   check_workdir(FLAGS.workdir)
+  cache_dir = compile_cache.setup(config.get("compilation_cache_dir", "auto"))
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config"))
   if config.eval_only:
     logging.info("Config: %s\n%s", overrides, config)
@@ -140,6 +143,10 @@ def main(argv):
     logging.info("Config: %s; all values in %s", overrides,
                  os.path.join(FLAGS.workdir, "config.json"))
     train.train_and_evaluate(config, FLAGS.workdir)
+  counts = compile_cache.counts()
+  logging.info("Compilation cache %s: %d XLA programs, %d read from the cache, %d compiled",
+               cache_dir or "off", counts["programs"], counts["hits"],
+               counts["programs"] - counts["hits"])
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 

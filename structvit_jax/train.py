@@ -194,7 +194,7 @@ RESUME_MAY_CHANGE = (
     "eval_every_epochs", "eval_batch_size", "eval_only", "data.eval_split",
     "data.eval_examples", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "transfer_guard", "data.num_workers", "data.data_dir", "fsdp", "resume", "init_from.",
-    "distributed.",
+    "distributed.", "compilation_cache_dir",
 )
 
 
@@ -416,10 +416,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   devices: the devices of the mesh (default: all); tests use a subset.
   """
   check_resume_config(config, workdir)
+  startup = _StartupTimes()
   setup = _Setup(config, workdir, devices, train=True)
+  startup.mark("setup")
   train_iter = setup.train_inp.iterator
   try:
     state = setup.restore_or_init(config, train_iter)
+    startup.mark("init" if setup.ckpt.latest_step() is None and not config.resume
+                 else "restore")
   except BaseException:
     setup.ckpt.close()
     if hasattr(train_iter, "close"):
@@ -428,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir)
   setup.log_model_size(writer)
+  startup.mark("model size")
   step = int(jax.device_get(state.step))
   total = setup.total_steps
   eval_every = max(1, int(round(config.eval_every_epochs * setup.steps_per_epoch)))
@@ -488,8 +493,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             jax.transfer_guard_host_to_device(guard)):
         state, m = setup.train_fn(state, batch)
       if not compiled:  # the first call compiles: keep that out of step time and ETA
+        jax.block_until_ready(m)
         progress.add_pause(time.perf_counter() - t1)
         compiled = True
+        startup.first_step(t1 - t0, time.perf_counter() - t1)
       step += 1
       flush()
       pending = (step, m)
@@ -535,6 +542,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batches.close()  # closes train_iter
     elif hasattr(train_iter, "close"):
       train_iter.close()
+
+
+class _StartupTimes:
+  """Where the start-up goes, logged once the first step is done (benchmarks/startup.py)."""
+
+  def __init__(self):
+    self.last = time.perf_counter()
+    self.parts: list[str] = []
+
+  def mark(self, name: str) -> None:
+    now = time.perf_counter()
+    self.parts.append(f"{name} {now - self.last:.1f} s")
+    self.last = now
+
+  def first_step(self, batch_s: float, step_s: float) -> None:
+    self.parts += [f"first batch {batch_s:.1f} s", f"first step {step_s:.1f} s"]
+    logging.info("Start-up: %s; %.1f s CPU since the process started", ", ".join(self.parts),
+                 time.process_time())
 
 
 def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,3 +25,19 @@ def _fast_compiles(request):
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache_in_tmp(tmp_path_factory):
+  """The trainer's CLI (main.py) turns on a persistent compilation cache, by default under
+  ~/.cache: the tests' trainer subprocesses use one in the session's temporary directory
+  instead ($JAX_COMPILATION_CACHE_DIR, which config.compilation_cache_dir='auto' follows).
+  jax is imported first so that this process's own settings stay as they were."""
+  import jax  # noqa: F401  (jax reads JAX_* variables once, at import)
+  key = "JAX_COMPILATION_CACHE_DIR"
+  previous = os.environ.get(key)
+  if previous is None:
+    os.environ[key] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  yield
+  if previous is None:
+    os.environ.pop(key, None)
