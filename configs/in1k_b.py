@@ -6,6 +6,9 @@
 Variants as in1k_s.py (d, stride, kernel_size, aggregation, form), e.g.
 `configs/in1k_b.py:d=4,stride=2` = StructViT-B-4-2.
 Expected top-1 (paper, 224px): B-4-1 84.2, B-4-2 84.0, B-8-1 84.3, UniFormer-B (d=0) 83.8.
+`tl=True`: token labeling as the official uniformer_base TL run (head_dim 32, aux head,
+MixToken, lr 1.6e-3, EMA; add --config.data.token_label_dir=DIR); expected: UniFormer-B
+(d=0) 85.1 (official UniFormer repository).
 """
 
 from structvit_jax import config_utils
@@ -14,7 +17,9 @@ common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = common.structsa_arg(arg)
+  a = common.structsa_arg(arg, tl=False)
   c = common.imagenet_config()
   common.structvit_model(c, "b", a, 1000, common.IMAGENET_DROP_PATH["b"])
+  if a.tl:
+    common.token_labeling(c, "b")
   return c

@@ -8,6 +8,9 @@ axis), aggregation ('context' | 'element'), form ('fused' | 'reference'), e.g.
 `configs/in1k_s.py:d=8,stride=1` = StructViT-S-8-1.
 Expected top-1 (paper, 224px, 300 epochs): S-4-1 83.2, S-4-2 82.9, S-8-1 83.3,
 UniFormer-S (d=0) 82.9.
+`tl=True`: token labeling (docs/token_labeling.md) as the official uniformer_small TL run
+(head_dim 32, aux head, MixToken, lr 1.6e-3, EMA; add --config.data.token_label_dir=DIR);
+expected: UniFormer-S (d=0) 83.4 (official UniFormer repository).
 """
 
 from structvit_jax import config_utils
@@ -16,7 +19,9 @@ common = config_utils.import_sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  a = common.structsa_arg(arg)
+  a = common.structsa_arg(arg, tl=False)
   c = common.imagenet_config()
   common.structvit_model(c, "s", a, 1000, common.IMAGENET_DROP_PATH["s"])
+  if a.tl:
+    common.token_labeling(c, "s")
   return c
