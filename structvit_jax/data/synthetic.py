@@ -119,7 +119,7 @@ def _distractors(rng: np.random.Generator, canvas: np.ndarray, x, y, max_count: 
 def render_image(label: int, rng: np.random.Generator, size: int, return_mask: bool = False):
   """One synthetic_image example of class `label` (see IMAGE_CLASSES): uint8 [size, size, 3].
   With return_mask, also the class shape's coverage [size, size] in [0, 1] (distractors
-  excluded, occlusion by nothing: the shape is drawn last), e.g. for dense labels."""
+  excluded; the shape is drawn last, so nothing covers it), e.g. for dense labels."""
   coverage: list = []
   shape, stripes = divmod(int(label), len(STRIPES))
   x, y = _grid(size)
