@@ -208,7 +208,7 @@ def prepare(src: str, names: Sequence[str], out_dir: str, split: str, num_classe
   scores.flush()
   index.flush()
   del scores, index
-  np.save(os.path.join(tmp, "names.npy"), np.asarray([label_key(n) for n in names], dtype=bytes))
+  np.save(os.path.join(tmp, "names.npy"), np.asarray([label_key(n).encode() for n in names]))
   info = dict(num_examples=len(names), k=k, height=h, width=w, num_classes=num_classes,
               dataset=dataset, split=split, source=os.path.abspath(src))
   with open(os.path.join(tmp, INFO), "w") as f:
