@@ -37,6 +37,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.randaugment = ""          # timm RandAugment string, e.g. "rand-m9-mstd0.5-inc1"; "": off
   c.data.random_erase = 0.0        # random-erasing probability; 0: off
   c.data.eval_crop_ratio = 0.875   # images, eval: resize to size / ratio, centre crop
+  c.data.token_label_dir = ""      # images: prepared token labels (data/token_labels.py); set: TL
+  c.data.token_labels = False      # the recipe needs token labels (an unset dir is an error)
   # Videos: list files `relative/path.mp4 label` in data_dir, sampling and test views.
   c.data.train_list = ""           # "": <train_split>.csv
   c.data.eval_list = ""            # "": <eval_split>.csv
@@ -75,6 +77,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.8              # 0: off
   c.cutmix_alpha = 1.0             # 0: off
   c.mixup_switch_prob = 0.5
+  # Token labeling (on when data.token_label_dir is set; token_labeling.py): loss weights of
+  # the class head and the per-token aux head, MixToken, the official ground-truth blend.
+  c.token_label = ml_collections.ConfigDict(
+      dict(cls_weight=1.0, dense_weight=1.0, mix_token=True, ground_truth=False))
   c.ema_decay = 0.0                # 0: no EMA of params
   c.grad_accum_steps = 1
   c.dtype = "float32"              # compute dtype: 'float32' | 'bfloat16' (params stay fp32)

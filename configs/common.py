@@ -94,6 +94,28 @@ def imagenet_finetune(c, size: str, res: int) -> None:
   c.cutmix_alpha = 0.0
   c.ema_decay = 0.0
   c.init_from.drop_head = False     # the same 1000 classes
+  c.data.token_labels = False       # a TL model (tl=True) is fine-tuned without dense targets
+
+
+# The official UniFormer token-labeling runs (exp/*_tl_224/run.sh and main.py's defaults):
+# lr 1.6e-3 (S, B) / 1.2e-3 (L) at batch 8 x 128, no lr scaling, no mixup or CutMix (MixToken
+# instead), model EMA 0.99992; the rest as the DeiT recipe. docs/token_labeling.md.
+TOKEN_LABEL_LR = {"s": 1.6e-3, "b": 1.6e-3, "l": 1.2e-3}
+
+
+def token_labeling(c, size: str) -> None:
+  """The token-labeling recipe on top of imagenet_config() and structvit_model(): the aux
+  head, head_dim 32 for S and B (the official uniformer_small / uniformer_base TL models),
+  the official hyper-parameters; training needs --config.data.token_label_dir."""
+  c.data.token_labels = True
+  c.model.kwargs.token_labeling = True
+  if size in ("s", "b"):
+    c.model.kwargs.head_dim = 32
+  c.lr = TOKEN_LABEL_LR[size]
+  c.lr_base_batch_size = 1024
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+  c.ema_decay = 0.99992
 
 
 def kinetics_config(size: str, a, num_classes: int = 400,

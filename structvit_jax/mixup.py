@@ -16,16 +16,11 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
   return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
-def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, *,
-                 mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Returns (mixed images, soft targets [B, num_classes]).
-
-  images: [B, ..., H, W, C] (images or clips; the CutMix box covers all frames).
-  """
-  targets = smooth_one_hot(labels, num_classes, label_smoothing)
-  if mixup_alpha <= 0 and cutmix_alpha <= 0:
-    return images, targets
+def mix_params(rng: jax.Array, h: int, w: int, *, mixup_alpha: float, cutmix_alpha: float,
+               switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One batch's draw: (use_cutmix bool, the CutMix box as a bool [H, W] mask, lam: the
+  weight of the unflipped batch, CutMix's corrected to the real box area). Only valid
+  when one of the alphas is > 0."""
   k_switch, k_mix, k_cut, k_cy, k_cx = jax.random.split(rng, 5)
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
@@ -36,7 +31,6 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
   lam_cut = jax.random.beta(k_cut, a_cut, a_cut)
 
   # CutMix box (timm rand_bbox): side ratio sqrt(1 - lam), centre uniform, clipped.
-  h, w = images.shape[-3], images.shape[-2]
   ratio = jnp.sqrt(1.0 - lam_cut)
   cut_h = (h * ratio).astype(jnp.int32)
   cut_w = (w * ratio).astype(jnp.int32)
@@ -48,11 +42,29 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_class
   xs = jnp.arange(w)[None, :]
   box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)          # [H, W]
   lam_box = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+  return use_cutmix, box, jnp.where(use_cutmix, lam_box, lam_mix)
 
+
+def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, *,
+                 mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Returns (mixed images, soft targets [B, num_classes]).
+
+  images: [B, ..., H, W, C] (images or clips; the CutMix box covers all frames).
+  """
+  targets = smooth_one_hot(labels, num_classes, label_smoothing)
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return images, targets
+  use_cutmix, box, lam = mix_params(rng, images.shape[-3], images.shape[-2],
+                                    mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                                    switch_prob=switch_prob)
+  return mix_images(images, use_cutmix, box, lam), targets * lam + targets[::-1] * (1.0 - lam)
+
+
+def mix_images(images: jax.Array, use_cutmix: jax.Array, box: jax.Array, lam: jax.Array
+               ) -> jax.Array:
+  """The batch mixed with itself flipped along its first axis (mix_params' draw)."""
   flipped = images[::-1]
   cut = jnp.where(box[:, :, None], flipped, images)
-  mixed = images * lam_mix.astype(images.dtype) + flipped * (1 - lam_mix).astype(images.dtype)
-  out = jnp.where(use_cutmix, cut, mixed)
-  lam = jnp.where(use_cutmix, lam_box, lam_mix)
-  targets = targets * lam + targets[::-1] * (1.0 - lam)
-  return out, targets
+  mixed = images * lam.astype(images.dtype) + flipped * (1 - lam).astype(images.dtype)
+  return jnp.where(use_cutmix, cut, mixed)

@@ -28,6 +28,7 @@ from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import paths
 from structvit_jax import sharding as shard_lib
+from structvit_jax import token_labeling
 from structvit_jax.data import evaluators
 
 
@@ -105,17 +106,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   step_rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, drop_rng = jax.random.split(step_rng)
   erase_rng = jax.random.fold_in(step_rng, 1)  # apart from the split: mixup keys unchanged
-  images, targets = mixup_lib.mixup_cutmix(
-      mix_rng, device_input.images(batch, normalization, erase_rng), batch["label"],
-      num_classes,
-      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-      switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing)
+  # uint8 -> normalised (and erased) float images, then the mixing of the recipe.
+  batch = {**batch, "image": device_input.images(batch, normalization, erase_rng)}
+  token_labels = token_labeling.enabled(batch)
+  if token_labels:  # dense targets, MixToken, aux loss: token_labeling.py
+    images, targets = token_labeling.inputs(mix_rng, batch, num_classes, config)
+  else:
+    images, targets = mixup_lib.mixup_cutmix(
+        mix_rng, batch["image"], batch["label"], num_classes,
+        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+        switch_prob=config.mixup_switch_prob, label_smoothing=config.label_smoothing)
 
   def loss_fn(params, batch_stats, x, t, rng):
-    logits, updates = model.apply(_variables(params, batch_stats), x, train=True,
-                                  rngs={"dropout": rng}, mutable=["batch_stats"])
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy(logits, t).mean()
+    apply = functools.partial(model.apply, _variables(params, batch_stats), train=True,
+                              rngs={"dropout": rng}, mutable=["batch_stats"])
+    if token_labels:
+      loss, logits, updates = token_labeling.loss(apply, x, t, config)
+    else:
+      logits, updates = apply(x)
+      logits = logits.astype(jnp.float32)
+      loss = optax.softmax_cross_entropy(logits, t).mean()
     return loss, (logits, updates.get("batch_stats", batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -137,7 +147,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss, batch_stats), logits = jax.lax.scan(
         body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-        (micro(images), micro(targets), jnp.arange(accum)))
+        (micro(images), jax.tree.map(micro, targets), jnp.arange(accum)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss = loss / accum
     logits = logits.swapaxes(0, 1).reshape(b, -1)
@@ -563,8 +573,8 @@ class _StartupTimes:
 
 
 def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # 'bad', 'erase' (random-erasing boxes): optional
-  return {k: b[k] for k in ("image", "label", "bad", "erase") if k in b}
+  # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
+  return {k: b[k] for k in ("image", "label", "bad", "erase", *token_labeling.KEYS) if k in b}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -70,7 +70,9 @@ class Normalize(grain.transforms.Map):
 
 class RandomFlip(grain.transforms.RandomMap):
   """Horizontal flip with probability 1/2: PIL images, and arrays whose W is axis -2 (HWC
-  images, THWC clips)."""
+  images, THWC clips). A token label map [..., h, w] flips with its image, and a crop box
+  already drawn on it (x0, y0, x1, y1) is mirrored: the flipped crop of the map is then
+  the crop of the flipped map."""
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if rng.random() < 0.5:
@@ -78,6 +80,11 @@ class RandomFlip(grain.transforms.RandomMap):
       im = (np.ascontiguousarray(im[..., ::-1, :]) if isinstance(im, np.ndarray)
             else im.transpose(0))  # PIL Image.Transpose.FLIP_LEFT_RIGHT
       element = {**element, "image": im}
+      if "token_label" in element:
+        element["token_label"] = np.ascontiguousarray(element["token_label"][..., ::-1])
+      if "token_label_box" in element:
+        x0, y0, x1, y1 = element["token_label_box"]
+        element["token_label_box"] = np.asarray([1 - x1, y0, 1 - x0, y1], np.float32)
     return element
 
 
@@ -206,6 +213,9 @@ _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str, bool], DatasetSpe
     "image_folder": _images,
 }
 
+_TOKEN_LABELS = ("imagenet2012", "image_folder")  # builders that join token labels (images.py)
+
+
 def get_dataset(config: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
   """The dataset `config.data.name`, split `split` (a split name such as 'train')."""
   name = config.data.name
@@ -303,6 +313,9 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
     raise ValueError(f"local_batch_size must be positive, got {local_batch_size}")
   train = split == "train"
   split_name = config.data.train_split if train else config.data.eval_split
+  if train and config.data.get("token_label_dir") and config.data.name not in _TOKEN_LABELS:
+    raise ValueError(f"config.data.token_label_dir is set but {config.data.name!r} has no "
+                     f"token labels (image datasets only: {', '.join(_TOKEN_LABELS)})")
   spec = get_dataset(config, split_name, train)
   num_examples = len(spec.source)
   global_batch = local_batch_size * process_count

@@ -84,12 +84,15 @@ def _colours(rng: np.random.Generator, background: np.ndarray) -> tuple[np.ndarr
 def _draw(canvas: np.ndarray, x: np.ndarray, y: np.ndarray, kind: str, cx: float, cy: float,
           r: float, angle: float, fill_a: np.ndarray, fill_b: np.ndarray | None = None,
           period: float = 1.0, stripe_angle: float = 0.0, phase: float = 0.0,
-          stripes_in_object: bool = False) -> np.ndarray:
-  """Composites an anti-aliased shape; stripes (fill_a/fill_b sinusoid) if fill_b given."""
+          stripes_in_object: bool = False, coverage: list | None = None) -> np.ndarray:
+  """Composites an anti-aliased shape; stripes (fill_a/fill_b sinusoid) if fill_b given.
+  `coverage`, if given, gets the shape's per-pixel coverage [H, W] in [0, 1] appended."""
   dx, dy = x - cx, y - cy
   c, s = np.cos(angle), np.sin(angle)
   u, v = (c * dx + s * dy) / r, (-s * dx + c * dy) / r  # object rotated by +angle
   alpha = np.clip(0.5 - _sdf(kind, u, v) * r, 0.0, 1.0)[..., None]
+  if coverage is not None:
+    coverage.append(alpha[..., 0])
   if fill_b is None:
     fill = fill_a
   else:
@@ -113,8 +116,11 @@ def _distractors(rng: np.random.Generator, canvas: np.ndarray, x, y, max_count: 
   return canvas
 
 
-def render_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
-  """One synthetic_image example of class `label` (see IMAGE_CLASSES): uint8 [size, size, 3]."""
+def render_image(label: int, rng: np.random.Generator, size: int, return_mask: bool = False):
+  """One synthetic_image example of class `label` (see IMAGE_CLASSES): uint8 [size, size, 3].
+  With return_mask, also the class shape's coverage [size, size] in [0, 1] (distractors
+  excluded; the shape is drawn last, so nothing covers it), e.g. for dense labels."""
+  coverage: list = []
   shape, stripes = divmod(int(label), len(STRIPES))
   x, y = _grid(size)
   img = _distractors(rng, _background(rng, x, y), x, y, max_count=1)
@@ -125,8 +131,9 @@ def render_image(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
   stripe_angle = (np.pi / 2 if stripes == 0 else 0.0) + rng.uniform(-1, 1) * np.deg2rad(10)
   img = _draw(img, x, y, SHAPES[shape], cx, cy, r, rng.uniform(0, 2 * np.pi), fill_a, fill_b,
               period=rng.uniform(0.18, 0.25) * size, stripe_angle=stripe_angle,
-              phase=rng.uniform(0, 2 * np.pi))
-  return _to_uint8(img + rng.normal(0.0, 0.03, img.shape))
+              phase=rng.uniform(0, 2 * np.pi), coverage=coverage)
+  img = _to_uint8(img + rng.normal(0.0, 0.03, img.shape))
+  return (img, coverage[0]) if return_mask else img
 
 
 def render_clip(motion: int, rng: np.random.Generator, num_frames: int, size: int,

@@ -41,7 +41,8 @@ def decode_jpeg(data: bytes) -> Image.Image:
 class DecodedImages:
   """Random-access source over a tfds source of encoded images that decodes them, and
   replaces an unreadable example by the next readable one (deterministic: index i+1,
-  i+2, ...). Output: dict(image=PIL RGB, label=int32, bad=int32 1 if replaced).
+  i+2, ...). Output: dict(image=PIL RGB, label=int32, bad=int32 1 if replaced), plus the
+  record's other keys but file_name (a token label map goes with its own image).
 
   Each bad record is logged once (pipeline.warn_bad_once) with its path, however many
   pipelines (train, eval passes, workers) read it; eval masks the stand-in out (MaskBad).
@@ -67,7 +68,9 @@ class DecodedImages:
                       "training replaces it by the next readable example, evaluation leaves "
                       "it out", name, i, self.where, type(e).__name__, e)
         continue
-      return {"image": image, "label": np.int32(record["label"]), "bad": np.int32(k > 0)}
+      extra = {k: v for k, v in record.items() if k not in ("image", "label", "file_name")}
+      return {**extra, "image": image, "label": np.int32(record["label"]),
+              "bad": np.int32(k > 0)}
     raise RuntimeError(f"{self.max_tries} consecutive unreadable images from record {index} "
                        f"of {self.where}: the data is probably broken; prepare it again")
 
@@ -117,8 +120,12 @@ class RandomResizedCrop(grain.transforms.RandomMap):
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
     im = element["image"]
     x, y, w, h = random_resized_crop_box(rng, im.width, im.height, self.scale, self.ratio)
-    return {**element, "image": im.resize((self.size, self.size), BICUBIC,
-                                          box=(x, y, x + w, y + h))}
+    out = {**element, "image": im.resize((self.size, self.size), BICUBIC,
+                                         box=(x, y, x + w, y + h))}
+    if "token_label" in element:  # the crop as fractions of the image (= of its label map)
+      out["token_label_box"] = np.asarray(
+          [x / im.width, y / im.height, (x + w) / im.width, (y + h) / im.height], np.float32)
+    return out
 
 
 class ResizeCenterCrop(grain.transforms.Map):

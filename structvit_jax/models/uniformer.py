@@ -106,8 +106,12 @@ class UniFormer(nn.Module):
 
   Input [B, H, W, 3] or [B, T, H, W, 3] (already normalised); returns logits [B, classes]
   (float32). With `token_labeling` the output is the official eval rule
-  head(mean) + 0.5 * max_tokens(aux_head(tokens)) in train and eval alike (dense token
-  labels are not part of this library).
+  head(mean) + 0.5 * max_tokens(aux_head(tokens)); token-labeling training
+  (structvit_jax/token_labeling.py, docs/token_labeling.md) calls it with `dense=True` for
+  (head(mean) [B, classes], aux_head(tokens) [B, N, classes]) and with `mix_box`, MixToken's
+  box on the last stage's token grid (int32 [y0, x0, y1, x1]): the stage-1 tokens under it
+  are swapped with those of the batch flipped along its first axis, and the aux logits
+  under it swapped back, so each aux token answers for the image its patch came from.
   """
   depth: Sequence[int] = (3, 4, 8, 3)
   embed_dim: Sequence[int] = (64, 128, 320, 512)
@@ -139,8 +143,15 @@ class UniFormer(nn.Module):
       raise ValueError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, dense: bool = False,
+               mix_box: Array | None = None) -> Array | tuple[Array, Array]:
     self._validate(x)
+    if (dense or mix_box is not None) and not self.token_labeling:
+      raise ValueError("dense outputs and MixToken need token_labeling=True (the aux_head)")
+    if (dense or mix_box is not None) and x.ndim == 5:
+      raise ValueError("token labeling is an image-only training mode")
+    if mix_box is not None and not dense:
+      raise ValueError("MixToken (mix_box) needs dense=True: the aux tokens are un-mixed")
     video = x.ndim == 5
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x.astype(self.dtype or x.dtype)
@@ -159,6 +170,9 @@ class UniFormer(nn.Module):
         else:
           k, s, p = ((1, 2, 2), (1, 2, 2), [(0, 0)] * 3) if video else ((2, 2), (2, 2), [(0, 0)] * 2)
         x = layers.PatchEmbed(c, k, s, p, norm=True, name=f"patch_embed{stage + 1}", **kw)(x)
+      if stage == 0 and mix_box is not None:
+        # Stage-1 token (y, x) lies under last-stage token (y // 8, x // 8): 3 stride-2 embeds.
+        x = _swap_in_box(x, mix_box, 8)
       for b in range(n):
         common = dict(mlp_ratio=self.mlp_ratio, drop_path=dpr[i], train=train,
                       name=f"blocks{stage + 1}_{b}", **kw)
@@ -172,9 +186,24 @@ class UniFormer(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="norm",
                      **kw)(x)
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
-    dense = functools.partial(nn.Dense, self.num_classes, kernel_init=layers.trunc_normal_02,
-                              **kw)
-    logits = dense(name="head")(tokens.mean(axis=1))
+    linear = functools.partial(nn.Dense, self.num_classes, kernel_init=layers.trunc_normal_02,
+                               **kw)
+    logits = linear(name="head")(tokens.mean(axis=1))
     if self.token_labeling:
-      logits = logits + 0.5 * dense(name="aux_head")(tokens).max(axis=1)
+      aux = linear(name="aux_head")(tokens)
+      if dense:
+        if mix_box is not None:
+          aux = _swap_in_box(aux.reshape(x.shape[:3] + aux.shape[-1:]), mix_box, 1)
+          aux = aux.reshape(tokens.shape[:2] + aux.shape[-1:])
+        return logits.astype(jnp.float32), aux.astype(jnp.float32)
+      logits = logits + 0.5 * aux.max(axis=1)
     return logits.astype(jnp.float32)
+
+
+def _swap_in_box(x: Array, box: Array, scale: int) -> Array:
+  """x [B, H, W, C] with the tokens whose (y // scale, x // scale) falls in box
+  [y0, x0, y1, x1) (half-open) taken from the batch flipped along its first axis."""
+  ys = jnp.arange(x.shape[1])[:, None] // scale
+  xs = jnp.arange(x.shape[2])[None, :] // scale
+  inside = (ys >= box[0]) & (ys < box[2]) & (xs >= box[1]) & (xs < box[3])
+  return jnp.where(inside[None, :, :, None], x[::-1], x)
