@@ -23,14 +23,19 @@ from ml_collections import config_flags
 from structvit_jax.data import pipeline
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.")
-flags.DEFINE_integer("steps", 20, "Batches to time.")
-flags.DEFINE_integer("warmup", 3, "Batches to skip before timing.")
-flags.DEFINE_integer("batch_size", 0, "Batch size of one process (0: the config's global one).")
-flags.DEFINE_enum("split", "train", ["train", "eval"], "Which input to time.")
-flags.DEFINE_bool("host_normalize", False, "float32 batches normalised in the pipeline "
-                  "(the trainer's input is uint8, normalised on the device).")
 
+
+def _define_flags() -> None:
+  # Only when run as a program: the trainer (structvit_jax.main) defines --config too, and
+  # both modules may be imported into one process (the tests).
+  config_flags.DEFINE_config_file("config", None, "Training config file.")
+  flags.DEFINE_integer("steps", 20, "Batches to time.")
+  flags.DEFINE_integer("warmup", 3, "Batches to skip before timing.")
+  flags.DEFINE_integer("batch_size", 0,
+                       "Batch size of one process (0: the config's global one).")
+  flags.DEFINE_enum("split", "train", ["train", "eval"], "Which input to time.")
+  flags.DEFINE_bool("host_normalize", False, "float32 batches normalised in the pipeline "
+                    "(the trainer's input is uint8, normalised on the device).")
 
 def bench(config, split: str = "train", steps: int = 20, warmup: int = 3,
           batch_size: int = 0, host_normalize: bool = False) -> dict[str, Any]:
@@ -80,5 +85,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
