@@ -513,6 +513,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   a = parse_args(argv)
+  # grain's worker processes read its absl flags: parsed here as no absl app parses them.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   devices = jax.local_devices()
   ndev = len(devices)
   mesh = shard_lib.make_mesh(devices)
