@@ -127,6 +127,21 @@ def short_cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {line[:300]}"
 
 
+def _on_any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process; every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return flag
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
@@ -219,6 +234,11 @@ class Checkpointer:
           metadata = state_metadata(os.path.join(step_dir, "state"))
         except Exception as e:  # noqa: BLE001
           bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+      # Every process restores the same step or skips it together (a restore is collective):
+      # a step that one process cannot use (its data_iter file, a read error) is unusable
+      # for all.
+      if _on_any_process(bad is not None) and bad is None:
+        bad = "unreadable", "another process cannot use it (see that process's log)"
       if bad is None:
         if check is not None:
           check(s, metadata)
@@ -233,6 +253,8 @@ class Checkpointer:
           out = self.manager.restore(s, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001  (damaged files: fall back below)
           bad = "unreadable", f"it does not restore ({short_cause(e)})"
+        if _on_any_process(bad is not None) and bad is None:
+          bad = "unreadable", "another process could not restore it (see that process's log)"
       if bad is None:
         logging.info("Checkpoint: restored step %d from %s", s, self.directory)
         return out["state"], s
@@ -243,8 +265,10 @@ class Checkpointer:
             f"checkpoint step {s} in {self.directory} is unusable: {why}"
             + (f"; an older step: {older[-1]}" if older else ""))
       where = "left in place (read-only)"
-      if not self.read_only and jax.process_index() == 0:
-        where = f"moved to {self._move_aside(s, tag)}"
+      if not self.read_only:
+        where = (f"moved to {self._move_aside(s, tag)}" if jax.process_index() == 0
+                 else "moved aside by process 0")
+        _barrier(f"checkpoint-unusable-{s}")  # every process lists the steps after the move
         self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)
       rest = [x for x in steps if x < s]
