@@ -1,0 +1,82 @@
+"""The trainer's start-up: the init program's XLA options keep the parameters bit-identical,
+and the init overlapped with the train-step compile (train._init_overlapped) raises a
+failure on either side in the caller."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from structvit_jax import train
+from structvit_jax.models import get_model
+
+
+@pytest.mark.parametrize("name,input_shape", [
+    ("deit_tiny", (16, 16, 3)),               # image ViT (position embedding of the grid)
+    ("timesformer_tiny", (4, 32, 32, 3)),     # video
+    ("structvit_tiny", (2, 32, 32, 3)),       # StructViT (UniFormer + StructSA), video
+])
+def test_init_options_give_bit_identical_params(name, input_shape):
+  """_Setup.init's program (init_compiler_options) == jax.jit's defaults, bit for bit."""
+  if not train.init_compiler_options():
+    pytest.skip("XLA's defaults on this backend: nothing to compare")
+  model = get_model(name, num_classes=5)
+  init = functools.partial(train.init_state, model=model, tx=optax.sgd(0.1),
+                           input_shape=input_shape, ema=False)
+  rng = jax.random.PRNGKey(3)
+  fast = jax.jit(init).lower(rng).compile(train.init_compiler_options())(rng)
+  ref = jax.jit(init)(rng)
+  fast, ref = jax.device_get((fast.params, ref.params))
+  assert jax.tree.structure(fast) == jax.tree.structure(ref)
+  for path, a, b in zip(jax.tree_util.tree_flatten_with_path(fast)[0],
+                        jax.tree.leaves(fast), jax.tree.leaves(ref)):
+    assert a.dtype == b.dtype and a.shape == b.shape, path[0]
+    assert np.array_equal(a, b), jax.tree_util.keystr(path[0])
+  assert any(np.std(a) > 0 for a in jax.tree.leaves(fast))  # random values were compared
+
+
+class _FakeSetup:
+  """What _init_overlapped uses of a _Setup: restore_or_init (on the thread), compile_train."""
+
+  def __init__(self, init_error=None, compile_error=None):
+    self.init_error, self.compile_error = init_error, compile_error
+    self.compiled_for = None
+
+  def restore_or_init(self, config, data_iter):
+    assert data_iter is None  # a fresh start restores no data position
+    if self.init_error:
+      raise self.init_error
+    return "state"
+
+  def compile_train(self, batch):
+    if self.compile_error:
+      raise self.compile_error
+    self.compiled_for = batch
+
+
+def test_init_overlapped_returns_state_and_first_batch():
+  setup = _FakeSetup()
+  batches = iter([{"image": 1}, {"image": 2}])
+  state, first = train._init_overlapped(setup, None, batches, train._StartupTimes())
+  assert (state, first, setup.compiled_for) == ("state", {"image": 1}, {"image": 1})
+  assert next(batches) == {"image": 2}  # only the first batch was taken
+
+
+@pytest.mark.parametrize("where", ["init", "compile"])
+def test_init_overlapped_raises_errors_in_the_caller(where):
+  error = RuntimeError(f"{where} failed: out of memory")
+  setup = (_FakeSetup(init_error=error) if where == "init"
+           else _FakeSetup(compile_error=error))
+  with pytest.raises(RuntimeError, match=f"^{where} failed: out of memory$") as e:
+    train._init_overlapped(setup, None, iter([{"image": 1}]), train._StartupTimes())
+  assert e.value is error
+  if where == "init":  # the thread's traceback names the failing call
+    assert any(f.name == "restore_or_init" for f in e.traceback)
+
+
+def test_background_result():
+  assert train._Background(lambda: 7, "t").result() == 7
+  with pytest.raises(KeyError, match="k"):
+    train._Background(lambda: {}["k"], "t").result()
