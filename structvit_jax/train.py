@@ -576,7 +576,7 @@ def init_compiler_options() -> dict[str, Any]:
   the default 2 cuts it several-fold and gives bit-identical parameters
   (tests/test_fast_init.py; docs/platform_notes.md). Other backends, or XLA's cheap mode
   already on: XLA's defaults."""
-  if jax.default_backend() != "cpu" or jax.config.jax_disable_most_optimizations:
+  if jax.default_backend() != "cpu" or jax.config.read("jax_disable_most_optimizations"):
     return {}
   return {"xla_backend_optimization_level": 1}
 
