@@ -339,6 +339,26 @@ class _Setup:
     with jax.set_mesh(self.mesh):
       self.train_fn.lower(self.abstract_sharded, batch).compile()
 
+  def compile_eval_in_background(self) -> "_Background":
+    """Compiles the eval step on a thread (while training steps run), for the shapes of one
+    batch of a fresh eval pass; the first evaluation then finds it compiled. result()
+    raises a failure of it."""
+    def compile_eval():
+      it = self.eval_inp.make_eval_iterator()
+      try:
+        local = next(it)
+      finally:
+        if hasattr(it, "close"):
+          it.close()
+      data, nproc = shard_lib.batch_sharding(self.mesh), jax.process_count()
+      batch = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), np.asarray(v).dtype,
+                                       sharding=data)
+               for k, v in local.items() if k in self.new_evaluator().keys}
+      with jax.set_mesh(self.mesh):
+        self.eval_fn.lower(self.abstract_sharded.params, self.abstract_sharded.batch_stats,
+                           batch).compile()
+    return _Background(compile_eval, "eval compile")
+
   def log_model_size(self, writer: metrics_lib.MetricWriter) -> None:
     from structvit_jax import flops
     n_params = flops.count_params(self.abstract_state.params)
@@ -472,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending = None                  # (step, device metrics): fetched one step late
   eval_results: dict = {}
   compiled = False
+  eval_compile = None             # the eval step's compile on a thread, until the first eval
 
   def fetch(item):
     # Fetching one step late keeps the device busy; the check still names the step.
@@ -523,6 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.add_pause(time.perf_counter() - t1)
         compiled = True
         startup.first_step(t1 - t0, time.perf_counter() - t1)
+        eval_compile = setup.compile_eval_in_background()
       step += 1
       flush()
       pending = (step, m)
@@ -547,6 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.resume()
       if step % eval_every == 0 or step == total:
         progress.pause()
+        eval_compile = eval_compile and eval_compile.result()  # raises its failure, once
         eval_results = _eval_and_log(setup, state, config, writer, step)
         progress.resume()
     missing = not eval_results and not any(r.get("step") == step
