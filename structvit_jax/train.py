@@ -596,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def init_compiler_options() -> dict[str, Any]:
   """XLA options for the init program. On CPU its compile is mostly LLVM optimising one
   threefry per parameter (none of it depends on the input size); backend level 1 instead of
-  the default 2 cuts it several-fold and gives bit-identical parameters
+  the default 2 cuts it about 2x and gives bit-identical parameters
   (tests/test_fast_init.py; docs/platform_notes.md). Other backends, or XLA's cheap mode
   already on: XLA's defaults."""
   if jax.default_backend() != "cpu" or jax.config.read("jax_disable_most_optimizations"):
