@@ -626,18 +626,25 @@ class _Background:
     return self._value
 
 
+def _usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _init_overlapped(setup: _Setup, config, batches, startup: "_StartupTimes"):
   """A fresh start: the init (and config.init_from) runs on a thread while this one reads the
   first of `batches` and compiles the train step for it (it needs only the state's shapes);
-  XLA compiles release the GIL, so the two overlap on 2+ cores. Returns (state, the first
+  XLA compiles release the GIL, so the two overlap on 2+ cores (on one core, where the
+  threads would only contend, the init runs after the compile). Returns (state, the first
   batch). An error on either side is raised here."""
-  job = _Background(lambda: setup.restore_or_init(config, None), "init")
+  init = lambda: setup.restore_or_init(config, None)
+  job = _Background(init, "init") if _usable_cores() > 1 else None
+  where = " (init on a thread)" if job else ""
   first = next(batches)
-  startup.mark("first batch (init on a thread)")
+  startup.mark("first batch" + where)
   setup.compile_train(first)
-  startup.mark("train-step compile (init on a thread)")
-  state = job.result()
-  startup.mark("rest of the init")
+  startup.mark("train-step compile" + where)
+  state = job.result() if job else init()
+  startup.mark("rest of the init" if job else "init")
   return state, first
 
 

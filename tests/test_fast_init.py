@@ -56,7 +56,14 @@ class _FakeSetup:
     self.compiled_for = batch
 
 
-def test_init_overlapped_returns_state_and_first_batch():
+@pytest.fixture(params=[2, 1], ids=["thread", "one_core"])
+def cores(request, monkeypatch):
+  """The init on a thread (2+ usable cores) or after the train-step compile (one core)."""
+  monkeypatch.setattr(train, "_usable_cores", lambda: request.param)
+  return request.param
+
+
+def test_init_overlapped_returns_state_and_first_batch(cores):
   setup = _FakeSetup()
   batches = iter([{"image": 1}, {"image": 2}])
   state, first = train._init_overlapped(setup, None, batches, train._StartupTimes())
@@ -65,14 +72,14 @@ def test_init_overlapped_returns_state_and_first_batch():
 
 
 @pytest.mark.parametrize("where", ["init", "compile"])
-def test_init_overlapped_raises_errors_in_the_caller(where):
+def test_init_overlapped_raises_errors_in_the_caller(where, cores):
   error = RuntimeError(f"{where} failed: out of memory")
   setup = (_FakeSetup(init_error=error) if where == "init"
            else _FakeSetup(compile_error=error))
   with pytest.raises(RuntimeError, match=f"^{where} failed: out of memory$") as e:
     train._init_overlapped(setup, None, iter([{"image": 1}]), train._StartupTimes())
   assert e.value is error
-  if where == "init":  # the thread's traceback names the failing call
+  if where == "init":  # the traceback (the thread's) names the failing call
     assert any(f.name == "restore_or_init" for f in e.traceback)
 
 
