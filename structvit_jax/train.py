@@ -341,8 +341,8 @@ class _Setup:
 
   def compile_eval_in_background(self) -> "_Background":
     """Compiles the eval step on a thread (while training steps run), for the shapes of one
-    batch of a fresh eval pass; the first evaluation then finds it compiled. result()
-    raises a failure of it."""
+    batch of a fresh eval pass (read and dropped); the first evaluation then finds it
+    compiled. result() raises a failure of it."""
     def compile_eval():
       it = self.eval_inp.make_eval_iterator()
       try:
@@ -544,7 +544,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.add_pause(time.perf_counter() - t1)
         compiled = True
         startup.first_step(t1 - t0, time.perf_counter() - t1)
-        eval_compile = setup.compile_eval_in_background()
+        if _usable_cores() > 1:  # on one core the thread would only contend with the steps
+          eval_compile = setup.compile_eval_in_background()
       step += 1
       flush()
       pending = (step, m)
@@ -627,7 +628,9 @@ class _Background:
 
 
 def _usable_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (taskset, cgroups)
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def _init_overlapped(setup: _Setup, config, batches, startup: "_StartupTimes"):
