@@ -1,8 +1,10 @@
-"""The trainer's start-up: the init program's XLA options keep the parameters bit-identical,
-and the init overlapped with the train-step compile (train._init_overlapped) raises a
-failure on either side in the caller."""
+"""The trainer's start-up: the init program's XLA options keep the parameters bit-identical;
+the init overlapped with the train-step compile (train._init_overlapped) and the eval
+step's background compile raise a failure in the caller; a compile ahead of time leaves
+nothing for the first call to compile."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 
+from structvit_jax import compile_cache
+from structvit_jax import sharding as shard_lib
 from structvit_jax import train
 from structvit_jax.models import get_model
 from structvit_jax.models.structsa import StructSA, StructSAConfig
@@ -102,3 +106,42 @@ def test_background_result():
   assert train._Background(lambda: 7, "t").result() == 7
   with pytest.raises(KeyError, match="k"):
     train._Background(lambda: {}["k"], "t").result()
+
+
+def _eval_setup(make_eval_iterator):
+  """What compile_eval_in_background uses of a _Setup, around a one-device eval step."""
+  mesh = shard_lib.make_mesh(jax.devices()[:1])
+  repl = shard_lib.replicated(mesh)
+  eval_fn = jax.jit(lambda params, batch_stats, batch: params["w"] * batch["image"].sum(),
+                    in_shardings=(repl, repl, shard_lib.batch_sharding(mesh)),
+                    out_shardings=repl)
+  abstract = types.SimpleNamespace(
+      params={"w": jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)}, batch_stats={})
+  return types.SimpleNamespace(
+      mesh=mesh, eval_fn=eval_fn, abstract_sharded=abstract,
+      eval_inp=types.SimpleNamespace(make_eval_iterator=make_eval_iterator),
+      new_evaluator=lambda: types.SimpleNamespace(keys=("image", "mask")))
+
+
+def test_eval_compile_in_background_then_the_eval_compiles_nothing():
+  local = {"image": np.ones((4, 3), np.uint8), "mask": np.ones((4,), bool),
+           "unused": np.zeros((4, 7), np.float32)}
+  setup = _eval_setup(lambda: iter([local]))
+  compile_cache._listen()
+  train._Setup.compile_eval_in_background(setup).result()
+  before = compile_cache.counts()["programs"]
+  assert before >= 1  # the background compile was counted
+  batch = shard_lib.global_batch(setup.mesh, {k: local[k] for k in ("image", "mask")})
+  params = {"w": jax.device_put(np.float32(2), shard_lib.replicated(setup.mesh))}
+  with jax.set_mesh(setup.mesh):
+    out = setup.eval_fn(params, {}, batch)
+  assert float(out) == 24.0
+  assert compile_cache.counts()["programs"] == before  # found compiled
+
+
+def test_eval_compile_in_background_raises_its_failure():
+  def unreadable():
+    raise OSError("eval split unreadable: /data/val")
+  job = train._Setup.compile_eval_in_background(_eval_setup(unreadable))
+  with pytest.raises(OSError, match="^eval split unreadable: /data/val$"):
+    job.result()
