@@ -10,8 +10,9 @@ num_train_steps=2 and a log line per step; it is stopped once the step-1 line is
 Run 1 starts on an empty cache directory, runs 2.. on what run 1 left there (a restart of a
 preempted job, or a second job of the same config). Reported per run: wall seconds from
 launch to the step-1 line, the process's CPU seconds by then (robust on a shared machine),
-the trainer's own breakdown (the `Start-up:` log line: init, first batch, first step =
-train-step compile + run) and the number of files in the cache. --cache_dir=off runs with
+the trainer's own breakdown (the `Start-up:` log line: first batch, train-step compile and
+init, side by side on 2+ usable cores, then the first step's run) and the number of files
+in the cache. --cache_dir=off runs with
 the cache off (compilation_cache_dir=''); --cache_dir=none passes no cache flag at all.
 --repo runs another checkout's trainer (e.g. an older commit, with --cache_dir=none).
 """
