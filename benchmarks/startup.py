@@ -10,9 +10,11 @@ num_train_steps=2 and a log line per step; it is stopped once the step-1 line is
 Run 1 starts on an empty cache directory, runs 2.. on what run 1 left there (a restart of a
 preempted job, or a second job of the same config). Reported per run: wall seconds from
 launch to the step-1 line, the process's CPU seconds by then (robust on a shared machine),
-the trainer's own breakdown (the `Start-up:` log line: init, first batch, first step =
-train-step compile + run) and the number of files in the cache. --cache_dir=off runs with
+the trainer's own breakdown (the `Start-up:` log line: first batch, train-step compile and
+init, side by side on 2+ usable cores, then the first step's run) and the number of files
+in the cache. --cache_dir=off runs with
 the cache off (compilation_cache_dir=''); --cache_dir=none passes no cache flag at all.
+--repo runs another checkout's trainer (e.g. an older commit, with --cache_dir=none).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ def _count(path: str) -> int:
 
 
 def run_once(config: str, extra: list[str], cache_flag: list[str], timeout: float,
-             env: dict) -> dict:
+             env: dict, repo: str = REPO) -> dict:
   workdir = tempfile.mkdtemp(prefix="startup_")
   cmd = [sys.executable, "-m", "structvit_jax.main", f"--config={config}",
          f"--workdir={workdir}", "--config.num_train_steps=2", "--config.log_every_steps=1",
          *cache_flag, *extra]
   t0 = time.perf_counter()
-  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  p = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
   out, wall, cpu, breakdown = [], None, None, ""
   try:
@@ -81,18 +83,19 @@ def main(argv=None) -> None:
                   help="cache directory (default: a new temporary one); 'off': the cache "
                        "off; 'none': no cache flag (a trainer without the field)")
   ap.add_argument("--timeout", type=float, default=1800.0)
+  ap.add_argument("--repo", default=REPO, help="the checkout whose trainer runs")
   ap.add_argument("extra", nargs="*", help="more trainer flags, after --")
   a = ap.parse_args(argv)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [a.repo, env.get("PYTHONPATH", "")]))
   cache = a.cache_dir or tempfile.mkdtemp(prefix="startup_cache_")
   flag = {"none": [], "off": ["--config.compilation_cache_dir="]}.get(
       cache, [f"--config.compilation_cache_dir={cache}"])
-  print(f"{a.config} {' '.join(a.extra)}; cache: {cache}")
+  print(f"{a.repo}: {a.config} {' '.join(a.extra)}; cache: {cache}")
   print("| run | wall s | CPU s | cache files | trainer's breakdown |")
   print("|---|---|---|---|---|")
   for i in range(a.runs):
-    r = run_once(a.config, a.extra, flag, a.timeout, env)
+    r = run_once(a.config, a.extra, flag, a.timeout, env, a.repo)
     name = "first" if i == 0 else f"restart {i}"
     files = _count(cache) if cache not in ("none", "off") else 0
     print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {files} | {r['breakdown']} |",

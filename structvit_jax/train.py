@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -312,7 +313,9 @@ class _Setup:
     self.shardings = shard_lib.state_shardings(self.abstract_state, self.mesh, config.fsdp)
     self.abstract_sharded = ckpt_lib.abstract_with_shardings(self.abstract_state,
                                                              self.shardings)
-    self.init = lambda: jax.jit(init, out_shardings=self.shardings)(rng)
+    init_fn = jax.jit(init, out_shardings=self.shardings)
+    # The trace is eval_shape's (cached); only the XLA compile is new.
+    self.init = lambda: init_fn.lower(rng).compile(init_compiler_options())(rng)
     repl = shard_lib.replicated(self.mesh)
     data = shard_lib.batch_sharding(self.mesh)
     self.new_evaluator = lambda: evaluators.evaluator_for(config)
@@ -329,6 +332,32 @@ class _Setup:
         donate_argnums=0)
     self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints)
+
+  def compile_train(self, batch: dict[str, jax.Array]) -> None:
+    """Compiles the train step for the state's shapes and `batch`'s, ahead of its first
+    call, which then finds the program in jit's in-memory cache (no second compile)."""
+    with jax.set_mesh(self.mesh):
+      self.train_fn.lower(self.abstract_sharded, batch).compile()
+
+  def compile_eval_in_background(self) -> "_Background":
+    """Compiles the eval step on a thread (while training steps run), for the shapes of one
+    batch of a fresh eval pass (read and dropped); the first evaluation then finds it
+    compiled. result() raises a failure of it."""
+    def compile_eval():
+      it = self.eval_inp.make_eval_iterator()
+      try:
+        local = next(it)
+      finally:
+        if hasattr(it, "close"):
+          it.close()
+      data, nproc = shard_lib.batch_sharding(self.mesh), jax.process_count()
+      batch = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), np.asarray(v).dtype,
+                                       sharding=data)
+               for k, v in local.items() if k in self.new_evaluator().keys}
+      with jax.set_mesh(self.mesh):
+        self.eval_fn.lower(self.abstract_sharded.params, self.abstract_sharded.batch_stats,
+                           batch).compile()
+    return _Background(compile_eval, "eval compile")
 
   def log_model_size(self, writer: metrics_lib.MetricWriter) -> None:
     from structvit_jax import flops
@@ -430,13 +459,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   setup = _Setup(config, workdir, devices, train=True)
   startup.mark("setup")
   train_iter = setup.train_inp.iterator
+  read = lambda: device_input.DevicePrefetcher(
+      train_iter, lambda b: shard_lib.global_batch(setup.mesh, _train_batch(b)))
+  batches, first_batch = None, None  # the global batches, read ahead on a thread
   try:
-    state = setup.restore_or_init(config, train_iter)
-    startup.mark("init" if setup.ckpt.latest_step() is None and not config.resume
-                 else "restore")
+    if setup.ckpt.latest_step() is None and not config.resume:
+      batches = read()
+      state, first_batch = _init_overlapped(setup, config, batches, startup)
+    else:
+      state = setup.restore_or_init(config, train_iter)
+      startup.mark("restore")
   except BaseException:
     setup.ckpt.close()
-    if hasattr(train_iter, "close"):
+    if batches is not None:
+      batches.close()
+    elif hasattr(train_iter, "close"):
       train_iter.close()
     raise
   _write_config(config, workdir)
@@ -455,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending = None                  # (step, device metrics): fetched one step late
   eval_results: dict = {}
   compiled = False
+  eval_compile = None             # the eval step's compile on a thread, until the first eval
 
   def fetch(item):
     # Fetching one step late keeps the device busy; the check still names the step.
@@ -476,8 +514,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       fetch(pending)
       pending = None
 
-  batches = None  # the global batches, read ahead on a thread (device_input.py)
-
   def save(s):
     flush()  # never checkpoint a state that came from a non-finite loss
     # The input position after the last batch the steps took, not after the read-ahead.
@@ -490,11 +526,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   guard = config.get("transfer_guard", "disallow")
   try:
     # The next batches are read and put on the devices while the current step runs.
-    batches = device_input.DevicePrefetcher(
-        train_iter, lambda b: shard_lib.global_batch(setup.mesh, _train_batch(b)))
+    if batches is None:
+      batches = read()
     while step < total:
       t0 = time.perf_counter()  # time the step waits for its batch (on the devices)
-      batch = next(batches)
+      batch = next(batches) if first_batch is None else first_batch
+      first_batch = None
       progress.add_data_time(time.perf_counter() - t0)
       # The mesh in context lets kernels that must be shard_mapped (Pallas flash attention on
       # a multi-chip TPU, models/attention.py) see it at trace time.
@@ -507,6 +544,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.add_pause(time.perf_counter() - t1)
         compiled = True
         startup.first_step(t1 - t0, time.perf_counter() - t1)
+        if _usable_cores() > 1:  # on one core the thread would only contend with the steps
+          eval_compile = setup.compile_eval_in_background()
       step += 1
       flush()
       pending = (step, m)
@@ -531,6 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.resume()
       if step % eval_every == 0 or step == total:
         progress.pause()
+        eval_compile = eval_compile and eval_compile.result()  # raises its failure, once
         eval_results = _eval_and_log(setup, state, config, writer, step)
         progress.resume()
     missing = not eval_results and not any(r.get("step") == step
@@ -552,6 +592,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batches.close()  # closes train_iter
     elif hasattr(train_iter, "close"):
       train_iter.close()
+
+
+def init_compiler_options() -> dict[str, Any]:
+  """XLA options for the init program. On CPU its compile is mostly LLVM optimising one
+  threefry per parameter (none of it depends on the input size); backend level 1 instead of
+  the default 2 cuts it about 2x and gives bit-identical parameters
+  (tests/test_fast_init.py; docs/platform_notes.md). Other backends, or XLA's cheap mode
+  already on: XLA's defaults."""
+  if jax.default_backend() != "cpu" or jax.config.read("jax_disable_most_optimizations"):
+    return {}
+  return {"xla_backend_optimization_level": 1}
+
+
+class _Background:
+  """fn() on a daemon thread; result() waits and returns its value or raises its exception
+  (with the thread's traceback) in the caller."""
+
+  def __init__(self, fn: Any, name: str):
+    self._value, self._error = None, None
+    self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+    self._thread.start()
+
+  def _run(self, fn) -> None:
+    try:
+      self._value = fn()
+    except BaseException as e:  # re-raised by result()
+      self._error = e
+
+  def result(self) -> Any:
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._value
+
+
+def _usable_cores() -> int:
+  if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (taskset, cgroups)
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def _init_overlapped(setup: _Setup, config, batches, startup: "_StartupTimes"):
+  """A fresh start: the init (and config.init_from) runs on a thread while this one reads the
+  first of `batches` and compiles the train step for it (it needs only the state's shapes);
+  XLA compiles release the GIL, so the two overlap on 2+ cores (on one core, where the
+  threads would only contend, the init runs after the compile). Returns (state, the first
+  batch). An error on either side is raised here."""
+  init = lambda: setup.restore_or_init(config, None)
+  job = _Background(init, "init") if _usable_cores() > 1 else None
+  where = " (init on a thread)" if job else ""
+  first = next(batches)
+  startup.mark("first batch" + where)
+  setup.compile_train(first)
+  startup.mark("train-step compile" + where)
+  state = job.result() if job else init()
+  startup.mark("rest of the init" if job else "init")
+  return state, first
 
 
 class _StartupTimes:
