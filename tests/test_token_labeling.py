@@ -215,6 +215,45 @@ def test_label_map_follows_crop_and_flip():
   assert error["flip_undone"] > 3 * error["ours"] and error["transposed"] > 3 * error["ours"], error
 
 
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def test_label_map_follows_randaugment_geometry():
+  """After crop + flip, each geometric RandAugment op (magnitude 9: 27 degrees, shear 0.27,
+  translate 40%) moves the teacher map with the image: the RoIAligned map matches the
+  coverage of the transformed image (nearest cell, as the official); left unmoved, it does
+  not. The area an op brings in has no teacher scores (every class equal: coverage 0.5),
+  as the mask image's fill 128 / 255."""
+  from structvit_jax.data.transforms import RandAugment
+  size, grid = 64, 8
+  ra = RandAugment("rand-m9-n1-p1.0", mean=(0.5, 0.5, 0.5))
+  errors = {}
+  for name in GEOMETRIC_OPS:
+    ra.ops = (name,)
+    cases, truths = {"ours": [], "unmoved": []}, []
+    for index in range(4):
+      rng = np.random.default_rng((0, 3, index))
+      label = int(rng.integers(10))
+      image, coverage = synthetic.render_image(label, rng, 128, return_mask=True)
+      mask_rgb = np.repeat((coverage * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
+      for seed in range(2):
+        el, mask = {"image": Image.fromarray(image),
+                    "token_label": teacher_map(coverage, label)}, {
+                        "image": Image.fromarray(mask_rgb)}
+        for op in (RandomResizedCrop(size, (0.25, 1.0)), RandomFlip()):
+          el = op.random_map(el, np.random.default_rng(seed))
+          mask = op.random_map(mask, np.random.default_rng(seed))
+        cases["unmoved"].append(el)
+        cases["ours"].append(ra.random_map(el, np.random.default_rng(seed)))
+        moved = np.asarray(ra.random_map(mask, np.random.default_rng(seed))["image"],
+                           np.float32)[..., 0] / 255
+        truths.append(moved.reshape(grid, size // grid, grid, size // grid).mean((1, 3)).ravel())
+    errors[name] = {k: float(np.abs(_roi_coverage(v, grid) - np.stack(truths)).mean())
+                    for k, v in cases.items()}
+  for name, e in errors.items():
+    assert e["ours"] < 0.1 and e["unmoved"] > 2.5 * e["ours"], errors
+
+
 def test_mixtoken_box_and_swap():
   """MixToken's box lies on the last stage's grid; the stage-1 swap covers exactly the
   stage-1 tokens under it (8 per side), taken from the batch flipped; swapping twice undoes."""
