@@ -134,6 +134,9 @@ def test_prepare_joins_by_file_name_and_names_what_is_missing(tmp_path):
   for i, n in enumerate(names):
     key = n if "/" in n else f"{n[:3]}/{n}"
     np.testing.assert_array_equal(store.get(i, n), maps[key])
+  # Grain workers get the store pickled: it reopens its memory maps there.
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(store)).get(3, names[3]),
+                                maps[names[3]])
   with pytest.raises(token_labels.TokenLabelError, match=r"row 1 is 'n00_0' but record 1"):
     store.get(1, "n01/n01_1.JPEG")
   # The split has images without labels: count and first names, nothing written.
@@ -366,10 +369,20 @@ def test_token_labeling_trains_the_aux_head_per_token():
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_recipe_trains_from_prepared_token_labels(tmp_path):
+@pytest.fixture
+def fast_compiles():
+  """XLA's cheap compile mode for one test (the module's training test needs fast code)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_recipe_trains_from_prepared_token_labels(tmp_path, fast_compiles):
   """image_folder -> prepare -> token labels prepared and joined by file name ->
-  in1k_s.py:tl=True trains two steps through the real input pipeline; without the labels
-  the recipe stops with one clear error."""
+  in1k_s.py:tl=True (its model made tiny) trains two steps through the real input pipeline
+  (crop, flip, RandAugment moving the map) and evaluates; without the labels the recipe
+  stops with one clear error."""
   from structvit_jax import config_utils
   from structvit_jax.data import builders, prepare
   from structvit_jax.data.pipeline import create_input
@@ -397,6 +410,7 @@ def test_recipe_trains_from_prepared_token_labels(tmp_path):
   assert (c.data.token_labels, c.model.kwargs.head_dim, c.mixup_alpha, c.lr) == (
       True, 32, 0.0, 1.6e-3)
   c.data.name, c.data.data_dir, c.data.image_size = "image_folder", str(tmp_path / "tfds"), 32
+  c.data.num_workers = 0  # the transforms in process: worker start-up is not what this tests
   with pytest.raises(token_labels.TokenLabelError, match="token_label_dir is not set"):
     create_input(c, "train", 4)
   c.data.token_label_dir = str(tmp_path / "tl")
