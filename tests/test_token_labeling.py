@@ -10,7 +10,6 @@ import io
 from pathlib import Path
 import pickle
 import struct
-import time
 import zipfile
 
 import jax
@@ -21,7 +20,6 @@ import optax
 from PIL import Image
 import pytest
 
-from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import token_labeling
 from structvit_jax import train
