@@ -5,11 +5,11 @@ Dense targets that are known: synthetic_image's class shape has its own coverage
 official on-disk layout ([2, k, h, w]: scores, class indices).
 """
 
+import contextlib
 import io
 from pathlib import Path
 import pickle
 import struct
-import time
 import zipfile
 
 import jax
@@ -20,7 +20,6 @@ import optax
 from PIL import Image
 import pytest
 
-from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import token_labeling
 from structvit_jax import train
@@ -134,6 +133,9 @@ def test_prepare_joins_by_file_name_and_names_what_is_missing(tmp_path):
   for i, n in enumerate(names):
     key = n if "/" in n else f"{n[:3]}/{n}"
     np.testing.assert_array_equal(store.get(i, n), maps[key])
+  # Grain workers get the store pickled: it reopens its memory maps there.
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(store)).get(3, names[3]),
+                                maps[names[3]])
   with pytest.raises(token_labels.TokenLabelError, match=r"row 1 is 'n00_0' but record 1"):
     store.get(1, "n01/n01_1.JPEG")
   # The split has images without labels: count and first names, nothing written.
@@ -215,6 +217,45 @@ def test_label_map_follows_crop_and_flip():
   assert error["flip_undone"] > 3 * error["ours"] and error["transposed"] > 3 * error["ours"], error
 
 
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def test_label_map_follows_randaugment_geometry():
+  """After crop + flip, each geometric RandAugment op (magnitude 9: 27 degrees, shear 0.27,
+  translate 40%) moves the teacher map with the image: the RoIAligned map matches the
+  coverage of the transformed image (nearest cell, as the official); left unmoved, it does
+  not. The area an op brings in has no teacher scores (every class equal: coverage 0.5),
+  as the mask image's fill 128 / 255."""
+  from structvit_jax.data.transforms import RandAugment
+  size, grid = 64, 8
+  ra = RandAugment("rand-m9-n1-p1.0", mean=(0.5, 0.5, 0.5))
+  errors = {}
+  for name in GEOMETRIC_OPS:
+    ra.ops = (name,)
+    cases, truths = {"ours": [], "unmoved": []}, []
+    for index in range(4):
+      rng = np.random.default_rng((0, 3, index))
+      label = int(rng.integers(10))
+      image, coverage = synthetic.render_image(label, rng, 128, return_mask=True)
+      mask_rgb = np.repeat((coverage * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
+      for seed in range(2):
+        el, mask = {"image": Image.fromarray(image),
+                    "token_label": teacher_map(coverage, label)}, {
+                        "image": Image.fromarray(mask_rgb)}
+        for op in (RandomResizedCrop(size, (0.25, 1.0)), RandomFlip()):
+          el = op.random_map(el, np.random.default_rng(seed))
+          mask = op.random_map(mask, np.random.default_rng(seed))
+        cases["unmoved"].append(el)
+        cases["ours"].append(ra.random_map(el, np.random.default_rng(seed)))
+        moved = np.asarray(ra.random_map(mask, np.random.default_rng(seed))["image"],
+                           np.float32)[..., 0] / 255
+        truths.append(moved.reshape(grid, size // grid, grid, size // grid).mean((1, 3)).ravel())
+    errors[name] = {k: float(np.abs(_roi_coverage(v, grid) - np.stack(truths)).mean())
+                    for k, v in cases.items()}
+  for name, e in errors.items():
+    assert e["ours"] < 0.1 and e["unmoved"] > 2.5 * e["ours"], errors
+
+
 def test_mixtoken_box_and_swap():
   """MixToken's box lies on the last stage's grid; the stage-1 swap covers exactly the
   stage-1 tokens under it (8 per side), taken from the batch flipped; swapping twice undoes."""
@@ -237,17 +278,53 @@ def test_mixtoken_box_and_swap():
 
 # ----------------------------------------------------------------------------- training
 
-SIZE, CROP = 96, (0.5, 1.0)
-TRAIN_STEPS, BATCH = 200, 16
+
+@contextlib.contextmanager
+def cheap_compiles():
+  """XLA's cheap compile mode (conftest's FAST_COMPILES) for what is compiled inside: for
+  programs run once or twice, where compiling dominates; the training test's step runs 400
+  times and is compiled outside."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# Four of synthetic_image's classes that differ in both shape and stripes (circle/horizontal,
+# square/vertical, triangle/horizontal, cross/vertical), as labels 0..3, and the teacher's
+# background class 4.
+SHAPE_CLASSES = (0, 3, 4, 7)
+TL_BACKGROUND = len(SHAPE_CLASSES)
+SIZE, CROP = 64, (0.5, 1.0)
+TRAIN_STEPS, BATCH = 400, 16
+# The teacher's score per cell: GAIN x coverage for the shape's class (+ CONTEXT, below) and
+# GAIN x (1 - coverage) for background. CONTEXT: a real teacher names the image's class off
+# the object too (its receptive field sees the object). Without it the class target, the
+# teacher's distribution over the crop (as the official trainer's; docs/token_labeling.md),
+# puts ~4 % of its mass on the shape's class and ~90 % on background, and the class head
+# stays at chance; with it, ~45 % on the class. The per-token targets stay the mask's
+# (shape class where coverage > 1/4, else background).
+GAIN, CONTEXT = 8.0, 4.0
+
+
+def _tl_teacher(coverage: np.ndarray, label: int) -> np.ndarray:
+  cells = SIZE // 8
+  s = coverage.shape[0] // cells
+  c = coverage.reshape(cells, s, cells, s).mean((1, 3))
+  scores = np.stack([GAIN * c + CONTEXT, GAIN * (1 - c)])
+  index = np.stack([np.full_like(c, label), np.full_like(c, TL_BACKGROUND)])
+  return np.stack([scores, index]).astype(np.float16)
 
 
 def _examples(split_id: int, count: int):
   out = []
   for index in range(count):
     rng = np.random.default_rng((0, split_id, index))
-    label = int(rng.integers(10))
-    image, coverage = synthetic.render_image(label, rng, SIZE, return_mask=True)
-    out.append((image, teacher_map(coverage, label, cells=SIZE // 8, gain=8.0), label))
+    label = int(rng.integers(len(SHAPE_CLASSES)))
+    image, coverage = synthetic.render_image(SHAPE_CLASSES[label], rng, SIZE, return_mask=True)
+    out.append((image, _tl_teacher(coverage, label), label))
   return out
 
 
@@ -274,23 +351,27 @@ def _train_batches(pool, steps, seed=0):
            "token_label_box": np.stack([e["token_label_box"] for e in els])}
 
 
-def test_token_labeling_trains_the_aux_head_per_token():
-  """A tiny UniFormer with token labeling (MixToken on) on synthetic images whose teacher
-  maps are the shapes' own masks: after 200 steps the aux head tells shape tokens from
-  background tokens far above chance, and the loss (class head + aux head) falls. The
-  exact shape class per token and the class head's top-1 are printed, not asserted: at
-  this budget they are still near chance (the demo needs ~1500 steps for the classes)."""
+def test_token_labeling_trains_the_aux_head_per_token_and_the_class_head():
+  """A tiny UniFormer trained with token labeling as the recipe runs it (aux head, dense
+  loss, MixToken, label smoothing, AdamW) on synthetic images whose teacher maps come from
+  the shapes' own masks. On held-out whole images the aux head names each token's exact
+  target (the shape's class on shape tokens, background elsewhere) far above chance, on
+  shape tokens too, and the class head's top-1 is more than twice chance. With the dense
+  loss weight at 0 the aux head stays at chance (checked by hand: docs/token_labeling.md)."""
+  nc = TL_BACKGROUND + 1
   config = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, mixup_switch_prob=0.5,
       grad_accum_steps=1, ema_decay=0.0, optimizer="adamw", weight_decay=0.05,
       grad_clip_norm=0.0, token_label=dict(cls_weight=1.0, dense_weight=1.0, mix_token=True,
                                            ground_truth=False)))
-  model = get_model("uniformer_tiny", token_labeling=True, num_classes=NUM_CLASSES)
-  schedule = optax.warmup_cosine_decay_schedule(1e-4, 3e-3, 20, TRAIN_STEPS, 1e-5)
+  model = get_model("uniformer_tiny", token_labeling=True, num_classes=nc)
+  schedule = optax.warmup_cosine_decay_schedule(1e-4, 3e-3, TRAIN_STEPS // 10, TRAIN_STEPS,
+                                                1e-5)
   tx = optim.make_optimizer(config, schedule)
-  state = train.init_state(jax.random.PRNGKey(0), model, tx, (SIZE, SIZE, 3), ema=False)
+  with cheap_compiles():
+    state = train.init_state(jax.random.PRNGKey(0), model, tx, (SIZE, SIZE, 3), ema=False)
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                               config=config, num_classes=NUM_CLASSES))
+                                               config=config, num_classes=nc))
   losses = []
   for batch in _train_batches(_examples(1, 128), TRAIN_STEPS):
     state, metrics = step(state, batch)
@@ -302,35 +383,43 @@ def test_token_labeling_trains_the_aux_head_per_token():
   maps = np.stack([e[1] for e in test])
   grid = SIZE // token_labeling.TOKEN_STRIDE
   full = np.tile(np.asarray([0, 0, 1, 1], np.float32), (len(test), 1))
-  _, dense = token_labeling.targets(maps, full, NUM_CLASSES, (grid, grid), 0.0)
+  _, dense = token_labeling.targets(maps, full, nc, (grid, grid), 0.0)
   target = np.asarray(dense.argmax(-1))                               # [B, tokens]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  logits, aux = jax.jit(lambda v, x: model.apply(v, x, dense=True))(variables, images)
+  with cheap_compiles():
+    logits, aux = jax.jit(lambda v, x: model.apply(v, x, dense=True))(variables, images)
   hit = np.asarray(aux.argmax(-1)) == target
-  shape_tokens = target != BACKGROUND
+  shape_tokens = target != TL_BACKGROUND
+  # Mean recall over the 5 target classes: chance 0.2 whatever the class frequencies.
+  balanced = np.mean([hit[target == k].mean() for k in range(nc) if (target == k).any()])
   shape_acc, background_acc = float(hit[shape_tokens].mean()), float(hit[~shape_tokens].mean())
-  # Shape vs background per token: the aux head's mass on the 10 shape classes together.
-  says_shape = np.asarray(jax.nn.softmax(aux, -1)[..., BACKGROUND]) < 0.5
-  balanced = 0.5 * (says_shape[shape_tokens].mean() + (~says_shape[~shape_tokens]).mean())
   labels = np.asarray([e[2] for e in test])
-  # The class head's target is the teacher's distribution over the crop, background
-  # included (as the official trainer's): its answer is its best of the 10 shape classes.
-  cls_acc = float((np.asarray(logits[:, :BACKGROUND].argmax(-1)) == labels).mean())
-  print(f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}; tokens: shape vs "
-        f"background balanced accuracy {balanced:.3f} (chance 0.5); exact class: shape tokens "
-        f"{shape_acc:.3f} ({shape_tokens.mean():.3f} of them), background {background_acc:.3f}; "
-        f"class head {cls_acc:.3f}; cpu seconds {time.process_time():.0f}")
-  assert balanced > 0.8
-  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+  # The class head's answer is its best shape class (its target also has background mass).
+  cls_acc = float((np.asarray(logits[:, :TL_BACKGROUND].argmax(-1)) == labels).mean())
+  print(f"loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}; tokens: accuracy "
+        f"{hit.mean():.3f} (all background: {1 - shape_tokens.mean():.3f}), balanced "
+        f"{balanced:.3f} (chance 0.2), shape tokens {shape_acc:.3f} (chance 0.2), background "
+        f"{background_acc:.3f}; class head top-1 {cls_acc:.3f} (chance 0.25)")
+  assert balanced > 0.55 and shape_acc > 0.45, (balanced, shape_acc)
+  assert hit.mean() > 1 - shape_tokens.mean() + 0.1
+  assert cls_acc > 0.5, cls_acc
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_recipe_trains_from_prepared_token_labels(tmp_path):
+@pytest.fixture
+def fast_compiles():
+  with cheap_compiles():
+    yield
+
+
+def test_recipe_trains_from_prepared_token_labels(tmp_path, fast_compiles):
   """image_folder -> prepare -> token labels prepared and joined by file name ->
-  in1k_s.py:tl=True trains two steps through the real input pipeline; without the labels
-  the recipe stops with one clear error."""
+  in1k_s.py:tl=True (its model made tiny) trains two steps through the real input pipeline
+  (crop, flip, RandAugment moving the map) and evaluates; without the labels the recipe
+  stops with one clear error."""
   from structvit_jax import config_utils
   from structvit_jax.data import builders, prepare
   from structvit_jax.data.pipeline import create_input
@@ -358,6 +447,7 @@ def test_recipe_trains_from_prepared_token_labels(tmp_path):
   assert (c.data.token_labels, c.model.kwargs.head_dim, c.mixup_alpha, c.lr) == (
       True, 32, 0.0, 1.6e-3)
   c.data.name, c.data.data_dir, c.data.image_size = "image_folder", str(tmp_path / "tfds"), 32
+  c.data.num_workers = 0  # the transforms in process: worker start-up is not what this tests
   with pytest.raises(token_labels.TokenLabelError, match="token_label_dir is not set"):
     create_input(c, "train", 4)
   c.data.token_label_dir = str(tmp_path / "tl")
@@ -367,7 +457,8 @@ def test_recipe_trains_from_prepared_token_labels(tmp_path):
 
   c.model.name = "uniformer_tiny"
   c.model.kwargs.num_classes, c.model.kwargs.head_dim = 2, 16
-  c.batch_size = c.eval_batch_size = 8  # a multiple of the 8 simulated devices
+  c.batch_size = c.eval_batch_size = 4
   c.num_train_steps, c.log_every_steps, c.ema_decay = 2, 1, 0.0
-  state, ev = train.train_and_evaluate(c, str(tmp_path / "work"))
+  # One device: what the recipe runs is under test here, not the sharding (cheaper compiles).
+  state, ev = train.train_and_evaluate(c, str(tmp_path / "work"), devices=jax.devices()[:1])
   assert int(state.step) == 2 and np.isfinite(ev["eval/loss"])

@@ -276,6 +276,33 @@ class WithTokenLabels:
     return {**record, "token_label": self.store.get(int(index), name)}
 
 
+def warp_map(token_label: np.ndarray, box: Sequence[float], matrix: Sequence[float],
+             image_size: tuple[int, int]) -> np.ndarray:
+  """The map [2, k, h, w] moved with a geometric RandAugment op on the cropped image.
+
+  `matrix` is the op's PIL affine (a, b, c, d, e, f): output pixel (x, y) samples the input
+  at (a x + b y + c, d x + e y + f), in the coordinates of the crop `box` (x0, y0, x1, y1,
+  fractions of the map) resized to `image_size` (width, height). The map keeps covering
+  the whole image (the box still selects the crop), so the op is conjugated into map cells.
+  Nearest cell, as the official `affine_label` (ndimage order 0): scores 0 where the op
+  brings in area from outside the map (every class equal after the softmax, as for the
+  image's fill), class indices from the nearest cell."""
+  a, b, c, d, e, f = matrix
+  x0, y0, x1, y1 = (float(t) for t in box)
+  _, _, h, w = token_label.shape
+  width, height = image_size
+  # Map cell coordinates X (cell j spans [j, j + 1)) -> image coordinates u = sx X + ox.
+  sx, ox = width / (w * (x1 - x0)), -x0 * width / (x1 - x0)
+  sy, oy = height / (h * (y1 - y0)), -y0 * height / (y1 - y0)
+  u, v = np.meshgrid(sx * (np.arange(w) + 0.5) + ox, sy * (np.arange(h) + 0.5) + oy)
+  col = np.floor((a * u + b * v + c - ox) / sx).astype(np.int64)
+  row = np.floor((d * u + e * v + f - oy) / sy).astype(np.int64)
+  inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+  out = token_label[:, :, np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)]
+  out[0] = np.where(inside, out[0], 0)
+  return out
+
+
 def record_names(source: Any) -> Iterator[str]:
   for i in range(len(source)):
     name = source[i].get("file_name", b"")

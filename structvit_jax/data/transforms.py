@@ -21,6 +21,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from structvit_jax.data import token_labels
 from structvit_jax.data.pipeline import IMAGENET_MEAN, RandomErasing, RandomFlip, warn_bad_once
 from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
 
@@ -235,10 +236,32 @@ def _apply_op(name: str, im: Image.Image, v: Any, fill: tuple[int, ...]) -> Imag
   raise ValueError(f"unknown RandAugment op {name!r}")
 
 
+def _affine_matrix(name: str, v: Any, size: tuple[int, int]) -> tuple[float, ...] | None:
+  """The PIL affine (a, b, c, d, e, f) that `_apply_op` applies for a geometric op (output
+  pixel (x, y) samples input (a x + b y + c, d x + e y + f)); None for the others.
+  Rotate's is the matrix PIL's Image.rotate builds (about the centre)."""
+  if name == "Rotate":
+    angle = -math.radians(v)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = size[0] / 2.0, size[1] / 2.0
+    return (a, b, a * -cx + b * -cy + cx, -b, a, -b * -cx + a * -cy + cy)
+  if name == "ShearX":
+    return (1.0, v, 0.0, 0.0, 1.0, 0.0)
+  if name == "ShearY":
+    return (1.0, 0.0, 0.0, v, 1.0, 0.0)
+  if name == "TranslateXRel":
+    return (1.0, 0.0, v * size[0], 0.0, 1.0, 0.0)
+  if name == "TranslateYRel":
+    return (1.0, 0.0, 0.0, 0.0, 1.0, v * size[1])
+  return None
+
+
 class RandAugment(grain.transforms.RandomMap):
   """timm RandAugment from a config string 'rand-m9-mstd0.5[-inc1][-n2][-mmax10][-p0.5]':
   n ops drawn uniformly with replacement, each applied with probability p at magnitude
-  N(m, mstd) clipped to [0, mmax]."""
+  N(m, mstd) clipped to [0, mmax]. With token labels, the geometric ops (rotate, shear,
+  translate) move the `token_label` map with the image (`token_labels.warp_map`), as the
+  official token-labeling trainer's RandAugment does (docs/token_labeling.md)."""
 
   def __init__(self, config: str, mean: Sequence[float] = IMAGENET_MEAN):
     parts = config.split("-")
@@ -265,7 +288,7 @@ class RandAugment(grain.transforms.RandomMap):
     self.fill = tuple(min(255, round(255 * x)) for x in mean)
 
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-    im = element["image"]
+    im, out = element["image"], dict(element)
     for name in rng.choice(self.ops, self.n, replace=True):
       if self.p < 1.0 and rng.random() > self.p:
         continue
@@ -273,8 +296,15 @@ class RandAugment(grain.transforms.RandomMap):
       if self.std > 0:
         m = rng.uniform(0, m) if math.isinf(self.std) else rng.normal(m, self.std)
       m = max(0.0, min(m, self.max))
-      im = _apply_op(str(name), im, _level(str(name), m, rng), self.fill)
-    return {**element, "image": im}
+      v = _level(str(name), m, rng)
+      if "token_label" in out:  # token labeling: the geometric ops move the map too
+        matrix = _affine_matrix(str(name), v, im.size)
+        if matrix is not None:
+          out["token_label"] = token_labels.warp_map(
+              out["token_label"], out.get("token_label_box", (0.0, 0.0, 1.0, 1.0)), matrix,
+              im.size)
+      im = _apply_op(str(name), im, v, self.fill)
+    return {**out, "image": im}
 
 
 # ----------------------------------------------------------------------------- recipes
