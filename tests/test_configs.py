@@ -16,6 +16,8 @@ from structvit_jax import config_utils
 from structvit_jax.data import DatasetNotFoundError, create_input
 from structvit_jax.models import get_model
 
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
                  if os.path.basename(p) not in ("base.py", "common.py"))
@@ -179,7 +181,8 @@ def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
   kwargs = train.model_kwargs(c, 10)
   model = get_model(c.model.name, **kwargs)
   x = jnp.ones((1, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  # jit: op-by-op (eager) init and apply compile every op of the model on its own.
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   spec = dict(kind="image", image_size=32, num_frames=0, mean=[0.5] * 3, std=[0.5] * 3)
   inference.save_export(str(tmp_path), c.model.name, kwargs, variables, spec)
   meta = json.loads((tmp_path / "model.json").read_text())
@@ -188,8 +191,8 @@ def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
   loaded = predictor.model
   assert (loaded.structsa.d, loaded.structsa.stride) == (8, 2)
   assert predictor.variables["params"]["blocks3_0"]["attn"]["u_k"].shape == (3, 3, 8, 64)
-  np.testing.assert_allclose(loaded.apply(predictor.variables, x), model.apply(variables, x),
-                             atol=1e-6)
+  np.testing.assert_allclose(jax.jit(loaded.apply)(predictor.variables, x),
+                             jax.jit(model.apply)(variables, x), atol=1e-6)
 
 
 def test_old_config_json_with_flat_structsa_fields_builds_its_variant():

@@ -13,6 +13,8 @@ from structvit_jax import flops
 from structvit_jax.models import StructSAConfig, get_model, list_models
 from structvit_jax.tools.model_stats import model_stats
 
+FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
+
 IMAGE, VIDEO = (224, 224, 3), (16, 224, 224, 3)
 
 

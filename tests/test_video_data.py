@@ -19,6 +19,7 @@ from structvit_jax import config_utils, train
 from structvit_jax.data import DatasetNotFoundError, create_input, evaluators, video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+FAST_COMPILES = True  # XLA's cheap compile mode: the end-to-end recipes' compiles (conftest.py)
 LEVEL = 6            # frame i is flat grey i * LEVEL: its index survives compression
 
 
