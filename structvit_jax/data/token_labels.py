@@ -285,8 +285,8 @@ def warp_map(token_label: np.ndarray, box: Sequence[float], matrix: Sequence[flo
   fractions of the map) resized to `image_size` (width, height). The map keeps covering
   the whole image (the box still selects the crop), so the op is conjugated into map cells.
   Nearest cell, as the official `affine_label` (ndimage order 0): scores 0 where the op
-  brings in area from outside the map (every class equal after the softmax, as for the
-  image's fill), class indices from the nearest cell."""
+  brings in area from outside the cropped image (every class equal after the softmax, as
+  for the image's fill), class indices from the nearest cell."""
   a, b, c, d, e, f = matrix
   x0, y0, x1, y1 = (float(t) for t in box)
   _, _, h, w = token_label.shape
@@ -295,9 +295,13 @@ def warp_map(token_label: np.ndarray, box: Sequence[float], matrix: Sequence[flo
   sx, ox = width / (w * (x1 - x0)), -x0 * width / (x1 - x0)
   sy, oy = height / (h * (y1 - y0)), -y0 * height / (y1 - y0)
   u, v = np.meshgrid(sx * (np.arange(w) + 0.5) + ox, sy * (np.arange(h) + 0.5) + oy)
-  col = np.floor((a * u + b * v + c - ox) / sx).astype(np.int64)
-  row = np.floor((d * u + e * v + f - oy) / sy).astype(np.int64)
-  inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+  su, sv = a * u + b * v + c, d * u + e * v + f  # where the op samples the cropped image
+  col = np.floor((su - ox) / sx).astype(np.int64)
+  row = np.floor((sv - oy) / sy).astype(np.int64)
+  # The image gets the fill outside the crop (RandAugment runs after it): the map's cells
+  # there are area the image no longer shows.
+  inside = ((col >= 0) & (col < w) & (row >= 0) & (row < h)
+            & (su >= 0) & (su < width) & (sv >= 0) & (sv < height))
   out = token_label[:, :, np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)]
   out[0] = np.where(inside, out[0], 0)
   return out
