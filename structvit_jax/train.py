@@ -351,9 +351,10 @@ class _Setup:
         if hasattr(it, "close"):
           it.close()
       data, nproc = shard_lib.batch_sharding(self.mesh), jax.process_count()
+      keys = self.new_evaluator().keys
       batch = {k: jax.ShapeDtypeStruct((v.shape[0] * nproc, *v.shape[1:]), np.asarray(v).dtype,
                                        sharding=data)
-               for k, v in local.items() if k in self.new_evaluator().keys}
+               for k, v in local.items() if k in keys}
       with jax.set_mesh(self.mesh):
         self.eval_fn.lower(self.abstract_sharded.params, self.abstract_sharded.batch_stats,
                            batch).compile()
