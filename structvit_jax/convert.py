@@ -1,4 +1,6 @@
-"""Official PyTorch checkpoint -> structvit_jax export (model.json + Orbax params/).
+"""Official PyTorch checkpoint -> structvit_jax export (model.json + Orbax params/, the
+serving artefact model.stablehlo unless --no_stablehlo, model.onnx with --onnx, and the
+model card README.md: the layout of python -m structvit_jax.export).
 
   python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=uniformer_s --out=EXPORT
   python -m structvit_jax.convert --src=uniformer_small_in1k.pth --model=structvit_s_4_1 --out=EXPORT
@@ -67,6 +69,20 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model_name: str,
   return kw, variables, spec
 
 
+def _origin(src: str) -> dict[str, Any]:
+  """The model card's origin of a converted checkpoint: its path and sha256."""
+  import hashlib
+  import os
+  from structvit_jax import paths
+  if paths.is_remote(src):
+    return {"converted_from": src}
+  digest = hashlib.sha256()
+  with open(src, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"converted_from": os.path.abspath(src), "sha256": digest.hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m structvit_jax.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--num_frames", type=int, default=16, help="UniFormer video clips")
   p.add_argument("--class_names", default="", help="text file, one class name per line")
+  p.add_argument("--no_stablehlo", action="store_true",
+                 help="skip model.stablehlo (the jax.export serving artefact)")
+  p.add_argument("--onnx", action="store_true", help="also write model.onnx (jax2onnx, "
+                 "checked with onnxruntime; pip install 'structvit_jax[onnx]')")
   args = p.parse_args(argv)
   try:
     sd = weights.load_torch_file(args.src)
@@ -90,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
       with open(args.class_names) as f:
         names = [line.strip() for line in f if line.strip()]
     from structvit_jax.inference import save_export
+    from structvit_jax.serving_export import ServingExportError
     save_export(args.out, args.model, kw, variables, spec, class_names=names,
-                source=f"converted from {args.src}")
-  except (ImportError, ValueError, FileNotFoundError) as e:
+                source=f"converted from {args.src}", stablehlo=not args.no_stablehlo,
+                onnx=args.onnx, provenance=_origin(args.src))
+  except (ImportError, ValueError, FileNotFoundError, ServingExportError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 1
   n = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))

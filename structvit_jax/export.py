@@ -1,11 +1,13 @@
 """Export a training run for inference:
 
-  python -m structvit_jax.export --workdir=WORKDIR --out=EXPORT [--step=N] [--no_ema]
+  python -m structvit_jax.export --workdir=WORKDIR --out=EXPORT [--step=N] [--no_ema] [--onnx]
 
 Reads WORKDIR/checkpoints/<step>/state (the newest step unless --step) and WORKDIR/config.json
 (written by `python -m structvit_jax.main` at the start of training) and writes the params
 (the EMA weights when the run kept them, unless --no_ema) and batch statistics, the model
-config, the eval preprocessing and the class names (structvit_jax/inference.py).
+config, the eval preprocessing and the class names (structvit_jax/inference.py), the eval
+forward as model.stablehlo (unless --nostablehlo) and with --onnx as model.onnx
+(structvit_jax/serving_export.py), and the model card README.md.
 """
 
 from __future__ import annotations
@@ -125,8 +127,34 @@ def _head_classes(params: Any) -> int:
   return int(np.shape(head["kernel"])[-1])
 
 
-def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True) -> str:
-  """Writes the export of `workdir` to `out`; returns a one-line summary."""
+def provenance(workdir: str, config: ml_collections.ConfigDict, step: int, ema: bool
+               ) -> dict[str, Any]:
+  """What the model card says of the training run: dataset, planned steps, the exported
+  step, and the last eval top-1 of eval_results.jsonl (the EMA's when EMA is exported)."""
+  from structvit_jax import metrics
+  steps = int(config.get("num_train_steps") or 0)
+  out: dict[str, Any] = {"workdir": paths.abspath(workdir), "step": int(step), "ema": ema,
+                         "dataset": config.data.name,
+                         "planned": f"{steps} steps" if steps > 0 else
+                                    f"{config.get('num_epochs'):g} epochs"}
+  try:
+    records = metrics.read_eval_records(workdir)
+  except Exception:  # noqa: BLE001  (a card without the number beats no export)
+    records = []
+  keys = ("eval_ema/top1", "eval/top1") if ema else ("eval/top1",)
+  for record in reversed(records):
+    key = next((k for k in keys if k in record), None)
+    if key is not None:
+      out.update(eval_top1=float(record[key]), eval_step=record.get("step"), eval_key=key)
+      break
+  return out
+
+
+def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True,
+           stablehlo: bool = True, onnx: bool = False) -> str:
+  """Writes the export of `workdir` to `out`: Orbax params, model.json, model.stablehlo
+  (unless stablehlo=False), model.onnx (onnx=True) and the model card README.md
+  (serving_export.py); returns a one-line summary."""
   from structvit_jax import train
   from structvit_jax.data.preprocessing import eval_spec, eval_views
   paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
@@ -156,9 +184,12 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
                         {**eval_spec(config.data), **eval_views(config.data)}, names,
-                        source=f"{paths.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""))
+                        source=f"{paths.abspath(workdir)}@{step}" + (" (EMA)" if ema else ""),
+                        stablehlo=stablehlo, onnx=onnx,
+                        provenance=provenance(workdir, config, step, ema))
+  formats = ", ".join(["Orbax params"] + ["StableHLO"] * stablehlo + ["ONNX"] * onnx)
   return (f"exported {config.model.name} step {step} ({'EMA' if ema else 'raw'} params, "
-          f"{num_classes} classes) from {workdir} to {out}")
+          f"{num_classes} classes) from {workdir} to {out} ({formats}, model card)")
 
 
 FLAGS = flags.FLAGS
@@ -171,6 +202,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Export directory to write.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.DEFINE_bool("no_ema", False, "Export the raw params even when the run kept an EMA.")
+  flags.DEFINE_bool("stablehlo", True, "Write model.stablehlo (jax.export; --nostablehlo: "
+                    "skip it).")
+  flags.DEFINE_bool("onnx", False, "Also write model.onnx (jax2onnx, checked with "
+                    "onnxruntime; pip install 'structvit_jax[onnx]').")
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -178,7 +213,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, use_ema=not FLAGS.no_ema))
+  from structvit_jax import serving_export
+  try:
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, use_ema=not FLAGS.no_ema,
+                 stablehlo=FLAGS.stablehlo, onnx=FLAGS.onnx))
+  except serving_export.ServingExportError as e:
+    raise ExportError(str(e)) from None
 
 
 if __name__ == "__main__":

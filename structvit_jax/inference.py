@@ -83,12 +83,18 @@ def _jsonable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables: Any,
                 input_spec: dict[str, Any], class_names: Sequence[str] | None = None,
-                source: str = "") -> None:
+                source: str = "", *, stablehlo: bool = False, onnx: bool = False,
+                provenance: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes an export (module docstring). variables: {'params': ..., 'batch_stats': ...}
-  ('batch_stats' optional / {} for models without BatchNorm); any arrays (moved to host)."""
+  ('batch_stats' optional / {} for models without BatchNorm); any arrays (moved to host).
+  stablehlo / onnx: also the serving artefacts model.stablehlo / model.onnx
+  (serving_export.py; the export and convert CLIs write model.stablehlo by default).
+  Every export gets a model card, README.md; provenance: what it says of the weights'
+  origin (serving_export.model_card). Returns model.json's content."""
   import orbax.checkpoint as ocp
+  from structvit_jax import serving_export
   from structvit_jax.models import get_model
-  get_model(model_name, **kwargs)  # fail early on an unknown preset or field
+  model = get_model(model_name, **kwargs)  # fail early on an unknown preset or field
   spec = _check_input_spec(input_spec)
   kwargs = _jsonable_kwargs(kwargs)
   if class_names is not None:
@@ -107,7 +113,30 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
   ckptr.close()
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
-  paths.write_text(os.path.join(out_dir, "model.json"), json.dumps(meta, indent=2))
+  meta_path = os.path.join(out_dir, "model.json")
+  paths.write_text(meta_path, json.dumps(meta, indent=2))
+  serving = {}
+  if stablehlo:
+    serving["stablehlo"] = serving_export.write_stablehlo(out_dir, model, tree, spec)
+  if onnx:
+    serving["onnx"] = serving_export.write_onnx(out_dir, model, tree, spec, model_name)
+  for name, file in (("stablehlo", serving_export.STABLEHLO_FILE),
+                     ("onnx", serving_export.ONNX_FILE)):
+    if name not in serving:  # a re-export without a format leaves none of the old one
+      for f in paths.listdir(out_dir):
+        if f == file or f.startswith(file + "."):
+          paths.remove(os.path.join(out_dir, f))
+  if serving:
+    meta["serving"] = serving
+    paths.write_text(meta_path, json.dumps(meta, indent=2))
+  params_bytes = sum(paths.epath(os.path.join(d, f)).stat().length if paths.is_remote(d)
+                     else os.path.getsize(os.path.join(d, f))
+                     for d, _, files in paths.walk(os.path.join(out_dir, "params"))
+                     for f in files)
+  card = serving_export.model_card(meta, serving_export.model_stats(model, tree, spec),
+                                   provenance or {}, {"params": params_bytes})
+  paths.write_text(os.path.join(out_dir, serving_export.CARD_FILE), card)
+  return meta
 
 
 # ----------------------------------------------------------------------------- reading
@@ -126,10 +155,16 @@ def restore_arrays(path: str) -> dict[str, Any]:
   return tree
 
 
-def load(export_dir: str) -> "Predictor":
-  """Opens an export written by `save_export` (from export.py or convert.py)."""
+BACKENDS = ("flax", "stablehlo")
+
+
+def load(export_dir: str, backend: str = "flax") -> "Predictor":
+  """Opens an export written by `save_export` (from export.py or convert.py). backend:
+  'flax' (the Orbax params and this package's model code) or 'stablehlo' (the export's
+  model.stablehlo through serving.py: an `ExportedPredictor`, same preprocessing)."""
   from structvit_jax import paths
-  from structvit_jax.models import get_model
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; valid: {', '.join(BACKENDS)}")
   meta_path = os.path.join(export_dir, "model.json")
   if not paths.isfile(meta_path):
     raise FileNotFoundError(f"{export_dir} is not a structvit_jax export: no model.json "
@@ -137,6 +172,11 @@ def load(export_dir: str) -> "Predictor":
   meta = json.loads(paths.read_text(meta_path))
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  if backend == "stablehlo":
+    from structvit_jax import serving
+    return ExportedPredictor(serving.load(export_dir), _check_input_spec(meta["input"]),
+                             meta.get("class_names"), meta)
+  from structvit_jax.models import get_model
   tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
@@ -321,3 +361,27 @@ class Predictor:
     k = min(k, probs.shape[-1])
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     return [[(self.class_names[j], float(p[j])) for j in row] for p, row in zip(probs, order)]
+
+
+class ExportedPredictor(Predictor):
+  """A Predictor that runs the export's model.stablehlo (serving.ServedModel) instead of the
+  Flax model: the same reading, resizing, cropping and view averaging, the normalisation
+  inside the artefact. `logits` takes what `read` / `read_views` give: uint8 inputs."""
+
+  def __init__(self, served: Any, input_spec: dict[str, Any],
+               class_names: Sequence[str] | None, meta: dict[str, Any] | None = None):
+    self.model, self.variables, self.served = None, None, served
+    self.input_spec, self.meta = input_spec, meta or {}
+    self.class_names = (list(class_names) if class_names is not None
+                        else list(served.class_names))
+    if served.input_shape != self.input_shape:
+      raise ValueError(f"model.stablehlo takes {served.input_shape}, model.json's input "
+                       f"is {self.input_shape}")
+
+  def logits(self, x: Any) -> np.ndarray:
+    """float32 logits [N, classes] of uint8 inputs [N, *input_shape] (resized and cropped,
+    not normalised: `read` / `read_views`)."""
+    return self.served(np.asarray(x))
+
+  def _normalize(self, x: np.ndarray) -> np.ndarray:
+    return x  # inside the artefact

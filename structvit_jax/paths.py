@@ -98,6 +98,15 @@ def write_text(path: PathLike, text: str) -> None:
       f.write(text)
 
 
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """A plain binary write (a remote object appears whole or not at all)."""
+  if is_remote(path):
+    epath(path).write_bytes(data)
+  else:
+    with open(path, "wb") as f:
+      f.write(data)
+
+
 def write_atomic(path: PathLike, text: str) -> None:
   """Writes `text` so that a reader (or a run killed half-way, or a full disk) sees the old
   file or the new one, never a truncated one: locally through a temporary file in the same

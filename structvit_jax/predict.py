@@ -1,6 +1,7 @@
 """Top-5 classes of image or video files with an exported model:
 
-  python -m structvit_jax.predict --model=EXPORT [--views=eval|single|CxK] FILE...
+  python -m structvit_jax.predict --model=EXPORT [--views=eval|single|CxK]
+                                  [--backend=flax|stablehlo] FILE...
 
 A video is scored as evaluation scores it: the softmax averaged over the export's test views
 (clips x crops; --views=single: the centre clip and crop only). Prints, per file, `FILE` and
@@ -28,11 +29,14 @@ def _define_flags() -> None:
                        "video is one clip).", lower_bound=1)
   flags.DEFINE_string("views", "eval", "Video test views: 'eval' (the export's clips x "
                       "crops, as evaluation), 'single' (centre clip and crop) or e.g. '4x3'.")
+  flags.DEFINE_enum("backend", "flax", ["flax", "stablehlo"], "What runs the model: 'flax' "
+                    "(the export's Orbax params with this package's model code) or 'stablehlo' "
+                    "(its model.stablehlo, jax.export; same preprocessing).")
   flags.mark_flags_as_required(["model"])
 
 
 def run(model: str, files: list[str], k: int = 5, batch_size: int = 32,
-        views: str = "eval") -> int:
+        views: str = "eval", backend: str = "flax") -> int:
   """Prints the predictions; returns the exit status (1 if any file failed)."""
   import numpy as np
   from structvit_jax import errors
@@ -40,7 +44,7 @@ def run(model: str, files: list[str], k: int = 5, batch_size: int = 32,
   if k < 1 or batch_size < 1:
     raise errors.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
   try:
-    predictor = inference.load(model)
+    predictor = inference.load(model, backend=backend)
   except (FileNotFoundError, ValueError) as e:
     raise errors.UserError(f"cannot load model {model!r}: {e}") from None
   try:
@@ -76,7 +80,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("usage: python -m structvit_jax.predict --model=EXPORT FILE...")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  sys.exit(run(FLAGS.model, argv[1:], FLAGS.k, FLAGS.batch_size, FLAGS.views))
+  sys.exit(run(FLAGS.model, argv[1:], FLAGS.k, FLAGS.batch_size, FLAGS.views, FLAGS.backend))
 
 
 if __name__ == "__main__":
