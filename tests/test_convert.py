@@ -577,6 +577,14 @@ def test_cli_pth_to_export(tmp_path):
   assert meta["format"] == "structvit_jax.export/1" and meta["input"]["kind"] == "image"
   assert meta["kwargs"]["token_labeling"] and meta["kwargs"]["num_classes"] == 10
   assert meta["input"]["mean"] == [0.485, 0.456, 0.406]
+  # The layout of python -m structvit_jax.export: the StableHLO artefact and a model card
+  # naming the checkpoint (tests/test_serving_export.py checks the artefacts' logits).
+  import hashlib
+  assert meta["serving"]["stablehlo"]["platforms"] == ["cpu", "cuda", "tpu"]
+  assert os.path.getsize(os.path.join(out, "model.stablehlo")) > 0
+  card = open(os.path.join(out, "README.md")).read()
+  digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  assert f"Converted from the official checkpoint `{path}` (sha256 {digest})" in card
   from structvit_jax import inference
   pred = inference.load(out)
   x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)

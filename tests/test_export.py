@@ -59,6 +59,27 @@ def test_export_metadata(run):
                state.batch_stats)
 
 
+def test_export_serving_files_and_model_card(run):
+  """The CLI export also writes model.stablehlo (its logits: test_serving_export.py) and a
+  model card naming the run, the step, the weights and the run's last eval top-1."""
+  config, workdir, _, ev, out, pred = run
+  meta = json.loads((out / "model.json").read_text())
+  assert meta["serving"]["stablehlo"]["platforms"] == ["cpu", "cuda", "tpu"]
+  assert (out / "model.stablehlo").stat().st_size == meta["serving"]["stablehlo"]["bytes"]
+  assert not (out / "model.onnx").exists()  # --onnx only
+  card = (out / "README.md").read_text()
+  for text in (f"training run: `{workdir}`, dataset synthetic_image, 3 steps planned",
+               "exported: step 3, EMA weights",
+               f"eval_ema/top1 at step 3): {ev['eval_ema/top1']:.4f}",
+               "StructSA D=2 S=1", "model.stablehlo"):
+    assert text in card, text
+  # predict's StableHLO backend on the uint8 images the Flax backend normalises.
+  hlo = inference.load(str(out), backend="stablehlo")
+  src = synthetic.SyntheticImageSource("validation", 3, 32)
+  images = [src[i]["image"] for i in range(3)]
+  np.testing.assert_allclose(hlo.predict(images), pred.predict(images), rtol=1e-5, atol=1e-6)
+
+
 def test_logits_and_eval_top1_match_trainer(run):
   config, _, state, ev, _, pred = run
   model = train.build_model(config, 10)
