@@ -129,7 +129,15 @@ def _jax2onnx():
   # that needs an absent optional library (equinox, dm_pix); ours need none of them.
   for name in ("jax2onnx", "onnx_ir"):
     logging.getLogger(name).setLevel(logging.ERROR)
-  from jax2onnx.plugins.jax.lax import conv
+  try:
+    from jax2onnx.plugins.jax.lax import conv
+    _add_3d_conv_layouts(conv)
+  except (ImportError, AttributeError):  # another jax2onnx: 3-D convs as it converts them
+    pass
+  return jax2onnx
+
+
+def _add_3d_conv_layouts(conv: Any) -> None:
   conv._LAYOUT_MAP.setdefault((0, 4, 1, 2, 3), "NDHWC")
   conv._LAYOUT_MAP.setdefault((0, 1, 2, 3, 4), "NCDHW")
   conv._OUTPUT_LAYOUT_MAP.setdefault((0, 4, 1, 2, 3), "NDHWC")
@@ -148,7 +156,6 @@ def _jax2onnx():
 
     input_layout._structvit_3d = True
     conv._canonical_input_layout, conv._canonical_kernel_layout = input_layout, kernel_layout
-  return jax2onnx
 
 
 def onnx_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
