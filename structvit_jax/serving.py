@@ -16,8 +16,8 @@ into a serving stack. Plain jax does the same in two lines:
     exported = jax.export.deserialize(open("EXPORT/model.stablehlo", "rb").read())
     logits = exported.call(batch)
 
-The artefact runs on a jax whose serialisation version is at least the exporter's (jax's
-export compatibility guarantees), on any of the platforms it was lowered for.
+It runs on the platforms it was lowered for, under jax.export's compatibility guarantees
+(best with the exporter's jaxlib; model.json records its jax version): docs/serving.md.
 """
 
 from __future__ import annotations

@@ -328,7 +328,8 @@ def model_card(meta: dict[str, Any], stats: dict[str, Any], provenance: dict[str
     s = serving["stablehlo"]
     notes.append(f"- model.stablehlo: lowered for {', '.join(s['platforms'])} with jax "
                  f"{s['jax_version']} (calling convention {s['calling_convention_version']}); "
-                 "runs on jax of that version or newer. Not run at export; the project's tests "
+                 "best run with that jaxlib, newer ones within jax.export's compatibility "
+                 "window. Not run at export; the project's tests "
                  "check its cpu lowering against the Flax model (cuda and tpu: lowered only).")
   if "onnx" in serving:
     o = serving["onnx"]
