@@ -8,8 +8,13 @@ Export layout (written by `python -m structvit_jax.export` and `structvit_jax.co
                           "input": {"kind": "image"|"video", "image_size", "num_frames",
                                     "mean", "std", "crop_ratio", "sampling", "sampling_rate",
                                     "test_clips", "test_crops"},
-                          "class_names": [...] or null, "source": free text}
+                          "class_names": [...] or null, "source": free text,
+                          "serving": {"stablehlo": {...}, "onnx": {...}} (what was written)}
+  EXPORT_DIR/README.md   the model card (serving_export.model_card)
+  EXPORT_DIR/model.stablehlo, model.onnx  serving artefacts (serving_export.py; optional:
+                          exports before them have none, and load() does not need them)
 
+`load(dir, backend="stablehlo")` runs model.stablehlo instead (`ExportedPredictor`).
 `Predictor.logits(x)` runs the model in eval mode on preprocessed float arrays (NHWC images,
 NTHWC clips); `predict(inputs)` adds the eval preprocessing (files or uint8 arrays). A video
 is scored as evaluation scores it: the softmax averaged over its test_clips x test_crops

@@ -44,7 +44,8 @@ def run(model: str, files: list[str], k: int = 5, batch_size: int = 32,
   if k < 1 or batch_size < 1:
     raise errors.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
   try:
-    predictor = inference.load(model, backend=backend)
+    predictor = (inference.load(model) if backend == "flax" else
+                 inference.load(model, backend=backend))
   except (FileNotFoundError, ValueError) as e:
     raise errors.UserError(f"cannot load model {model!r}: {e}") from None
   try:
