@@ -79,7 +79,10 @@ def eval_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
 
 
 def _has_depthwise(model: Any) -> bool:
-  return "structsa" in {f.name for f in dataclasses.fields(model)}
+  """UniFormer / StructViT (their conv blocks), or StructSA with D > 0 (U^K, U^V)."""
+  if "structsa" not in {f.name for f in dataclasses.fields(model)}:
+    return False
+  return type(model).__name__ == "UniFormer" or model.structsa.d > 0
 
 
 def stablehlo_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
