@@ -1,7 +1,7 @@
 """DeiT on clips (the paper's Table 1 backbone on video) and the U^K / U^V init setting.
 
 What the design implies: a one-frame clip is the image model (zero time_embed, tubelet depth
-1); an image DeiT inflated into the video model computes the image model on a clip of
+1, time_embed 0); an image DeiT inflated into the video model computes the image model on a clip of
 identical frames, exactly when one tubelet spans the clip and up to the class token's share
 of the softmax when each frame is a tubelet (the class key then competes with T copies of
 every patch key); official timm/DeiT keys (`patch_embed.proj`) load; StructSA runs over the
@@ -39,8 +39,7 @@ def test_one_frame_clip_is_the_image_model():
   v_img = _random_weights(_params(img_model, image))
   v_vid = _params(vid_model, image[:, None])
   assert set(v_vid["params"]) == set(v_img["params"]) | {"time_embed"}
-  assert not np.any(v_vid["params"]["time_embed"])  # zero at init
-  v_vid = {"params": {**v_img["params"], "time_embed": v_vid["params"]["time_embed"],
+  v_vid = {"params": {**v_img["params"], "time_embed": np.zeros((1, 1, 32), np.float32),
                       "patch_embed": jax.tree.map(lambda w: w[None] if w.ndim == 4 else w,
                                                   v_img["params"]["patch_embed"])}}
   a = img_model.apply(v_img, image)
@@ -62,6 +61,7 @@ def test_inflated_image_deit_gives_the_image_logits_on_identical_frames(tubelet,
   v_vid = weights.fit(weights.flat_paths(v_img), abstract, lambda: _params(vid_model, clip),
                       inflate_mode="average")
   assert v_vid["params"]["patch_embed"]["kernel"].shape == (tubelet, 8, 8, 3, 32)
+  assert not np.any(v_vid["params"]["time_embed"])  # zero: frames alike, as for the image model
   a = np.asarray(img_model.apply(v_img, image))
   b = np.asarray(vid_model.apply(v_vid, clip))
   diff = np.abs(a - b).max()

@@ -7,10 +7,11 @@ init.
 
 Clips: a tubelet patch embedding (temporal_patch_size x p x p; 1 = frame by frame, so no
 convolution sees motion before attention), the spatial position table plus a temporal one
-(`time_embed` [1, T', C], zero at init as TimeSformer's), and attention over the T' x H' x W'
+(`time_embed` [1, T', C], drawn like pos_embed: from scratch the model must tell the frames
+apart to tell a direction from its reverse), and attention over the T' x H' x W'
 token grid (StructSA's window M x M x M). An image DeiT loads into it by inflation
 (weights.fit with inflate_mode): the patch kernel gains a T axis, pos_embed is kept and
-time_embed keeps its zero init (docs/official_weights.md, "DeiT on clips").
+time_embed starts at zero (docs/official_weights.md, "DeiT on clips").
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class DeiT(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)) + pos[:, :1]
     x = x + pos[:, 1:].reshape(1, *(1 for _ in grid), gh, gw, c)
     if grid:
-      time = self.param("time_embed", nn.initializers.zeros, (1, grid[0], c), self.param_dtype)
+      time = self.param("time_embed", layers.trunc_normal_02, (1, grid[0], c), self.param_dtype)
       x = x + time.astype(x.dtype)[:, :, None, None]
     block = nn.remat(Block) if self.remat else Block
     for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth).tolist()):
