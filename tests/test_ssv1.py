@@ -193,12 +193,44 @@ def test_pipeline_samples_segments_and_counts_bad_videos(ssv1, caplog):
     assert sum(name in r.getMessage() for r in caplog.records) == 1, name
 
 
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name,frames,drop_path", [("ssv1_s", 16, 0.3), ("ssv1_b", 32, 0.4)])
+def test_structvit_recipes_are_the_ssv2_ones_on_ssv1(name, frames, drop_path):
+  c, v2 = load(name), load(name.replace("ssv1", "ssv2"))
+  assert (c.data.name, c.model.kwargs.num_classes, c.data.num_frames) == ("ssv1", 174, frames)
+  assert (c.data.sampling, c.data.random_flip, c.num_epochs, c.warmup_epochs) == (
+      "segment", False, 60.0, 5.0)
+  assert c.model.kwargs.drop_path_rate == drop_path and c.init_from.drop_head
+  c.data.name = "ssv2"
+  assert c.to_dict() == v2.to_dict()
+
+
+def test_deit_ablation_video_mode_builds_the_paper_model():
+  from ml_collections.config_flags import config_flags
+  from structvit_jax.models import get_model
+  c = config_flags.ConfigFileFlagParser("config").parse(
+      str(REPO / "configs" / "deit_s_ablation.py:video=True,d=4,m=3,aggregation=element"))
+  ssa = c.model.kwargs.structsa
+  assert (ssa.d, ssa.kernel_size, ssa.aggregation) == (4, 3, "element")
+  model = get_model(c.model.name, **c.model.kwargs)
+  x = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), np.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
+  assert params["patch_embed"]["kernel"].shape == (1, 16, 16, 3, 384)
+  assert params["time_embed"].shape == (1, 16, 384) and params["head"]["kernel"].shape[-1] == 174
+  assert params["blocks_0"]["attn"]["u_k"].shape[:3] == (3, 3, 3)
+  assert load("deit_s_ablation", "video=True,tubelet=2").model.kwargs.temporal_patch_size == 2
+  with pytest.raises(ValueError, match="frames=16 must be a positive multiple of tubelet=3"):
+    load("deit_s_ablation", "video=True,tubelet=3")
+  with pytest.raises(ValueError, match="need video=True"):
+    load("deit_s_ablation", "frames=8")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
-def _tiny(c, **model):
-  c.model.name = "structvit_tiny"
-  c.model.kwargs = dict(num_classes=3, drop_path_rate=0.1, **model)
+def _tiny_run(c):
   c.data.num_classes = 3
   c.batch_size = c.eval_batch_size = 4
   c.lr_base_batch_size = 4
@@ -210,18 +242,56 @@ def _tiny(c, **model):
   return c
 
 
-@pytest.mark.parametrize("name,arg", [("ssv1_s", None), ("deit_s_ablation", "video=True")])
-def test_recipe_trains_and_evaluates_end_to_end(tmp_path, ssv1, name, arg):
-  _, data = ssv1
-  c = ssv1_config(data, name, arg)
-  if name == "deit_s_ablation":
-    assert (c.data.name, c.model.name, c.model.kwargs.temporal_patch_size) == (
-        "ssv1", "deit_s", 1)
-    assert not (c.data.random_flip or c.data.randaugment or c.data.random_erase
-                or c.mixup_alpha or c.cutmix_alpha)
-  c = _tiny(c)
-  state, results = train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1])
+def _check_results(state, results):
   assert int(state.step) == 2
   assert (results["eval/count"], results["eval/views"]) == (2, 6)  # 7 and 8 left out
   assert results["eval/bad_examples"] == 6
   assert np.isfinite(results["eval/loss"]) and 0 <= results["eval/top1"] <= 1
+
+
+def test_structvit_recipe_trains_and_evaluates_end_to_end(tmp_path, ssv1):
+  _, data = ssv1
+  c = _tiny_run(ssv1_config(data, "ssv1_s"))
+  c.model.name = "structvit_tiny"
+  c.model.kwargs.drop_path_rate = 0.1
+  _check_results(*train.train_and_evaluate(c, str(tmp_path), devices=jax.devices()[:1]))
+
+
+def test_deit_ablation_video_recipe_fine_tunes_an_image_deit(tmp_path, ssv1):
+  """Table 1's SSv1 run at toy size: deit_tiny with StructSA (D=4, 3x3x3) on 4-frame clips,
+  initialised from an image deit_tiny export of another class count (inflated patch kernel,
+  same position table, new head), random crop only."""
+  from structvit_jax import inference
+  from structvit_jax.data.preprocessing import default_spec
+  from structvit_jax.models import get_model
+  _, data = ssv1
+  c = ssv1_config(data, "deit_s_ablation", "video=True,d=4,m=3")
+  assert (c.data.name, c.model.name, c.model.kwargs.temporal_patch_size) == (
+      "ssv1", "deit_s", 1)
+  assert (c.data.sampling, c.data.num_frames, tuple(load("deit_s_ablation", "video=True")
+                                                     .data.scale_jitter)) == (
+      "segment", 4, (256, 256))
+  assert not (c.data.random_flip or c.data.randaugment or c.data.random_erase
+              or c.mixup_alpha or c.cutmix_alpha)
+  assert (c.init_from.inflate, c.init_from.drop_head) == ("average", True)
+  kw = dict(num_classes=10, structsa=c.model.kwargs.structsa.to_dict())
+  image_model = get_model("deit_tiny", **kw)
+  image = jax.jit(image_model.init)(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3)))
+  inference.save_export(str(tmp_path / "in1k"), "deit_tiny", kw, image,
+                        default_spec("image", 32))
+  c = _tiny_run(c)
+  c.model.name = "deit_tiny"
+  c.init_from.checkpoint = str(tmp_path / "in1k")
+  state, results = train.train_and_evaluate(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  _check_results(state, results)
+  # Two AdamW steps move each weight by ~lr (a few 1e-4), far less than the spread of a fresh
+  # init (0.02): the weights are still the image model's.
+  got, src = state.params, image["params"]
+  assert got["patch_embed"]["kernel"].shape == (1, *src["patch_embed"]["kernel"].shape)
+  np.testing.assert_allclose(got["patch_embed"]["kernel"][0], src["patch_embed"]["kernel"],
+                             atol=2e-3)
+  np.testing.assert_allclose(got["pos_embed"], src["pos_embed"], atol=2e-3)
+  np.testing.assert_allclose(got["blocks_1"]["attn"]["qkv"]["kernel"],
+                             src["blocks_1"]["attn"]["qkv"]["kernel"], atol=2e-3)
+  assert got["blocks_1"]["attn"]["u_k"].shape == (3, 3, 3, 4, 64)  # the 3x3x3 window
+  assert got["head"]["kernel"].shape[-1] == 3 and got["time_embed"].shape == (1, 4, 64)
