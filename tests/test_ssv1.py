@@ -295,3 +295,14 @@ def test_deit_ablation_video_recipe_fine_tunes_an_image_deit(tmp_path, ssv1):
                              src["blocks_1"]["attn"]["qkv"]["kernel"], atol=2e-3)
   assert got["blocks_1"]["attn"]["u_k"].shape == (3, 3, 3, 4, 64)  # the 3x3x3 window
   assert got["head"]["kernel"].shape[-1] == 3 and got["time_embed"].shape == (1, 4, 64)
+  # exported with the dataset's class names; predict reads a frame folder as the eval does
+  export.export(str(tmp_path / "run"), str(tmp_path / "export"))
+  pred = inference.load(str(tmp_path / "export"))
+  assert pred.class_names == SORTED
+  folder = str(data / FRAMES / "21")
+  assert pred.read_views(folder).shape == (3, 4, 32, 32, 3)  # 1 clip x 3 crops
+  np.testing.assert_array_equal(frame_index(pred.read(folder)), video.segment_indices(20, 4))
+  assert pred.predict(folder).shape == (1, 3)
+  with pytest.raises(inference.InputError, match=r"cannot read video .*/7: BadVideoError: 1 "
+                                                 r"missing frame"):
+    pred.predict(str(data / FRAMES / "7"))
