@@ -135,8 +135,9 @@ def test_labels_and_folder_errors(ssv1, tmp_path):
   swapped.write_text("11;Holding something\n")
   with pytest.raises(errors.UserError, match=r"swapped\.csv: expected one label name a line"):
     video_lists.convert("ssv1", str(data), {"x.csv": train}, labels=str(swapped))
-  with pytest.raises(errors.UserError, match=r"none of the 9 videos of .*train\.csv found "
-                                             r"frame folders under .*(looked for folders such as 11/)"):
+  with pytest.raises(errors.UserError, match=r"none of the 9 videos of .*train\.csv found as "
+                                             r"frame folders under .*elsewhere \(looked for "
+                                             r"folders such as 11/\)"):
     video_lists.convert("ssv1", str(data), {"x.csv": train}, videos="elsewhere")
 
 

@@ -263,7 +263,7 @@ class FrameFolderReader:
     numbers = {}
     for name in os.listdir(path):
       stem, ext = os.path.splitext(name)
-      if ext.lower() in FRAME_EXTS and stem.isdigit():
+      if ext.lower() in FRAME_EXTS and stem.isascii() and stem.isdigit():
         numbers.setdefault(int(stem), name)  # 00001.jpg and 1.jpg: the first listed wins
     if not numbers:
       raise BadVideoError(f"no frames ({'/'.join(FRAME_EXTS)} named by number) in {path}")
@@ -271,9 +271,9 @@ class FrameFolderReader:
     last = max(numbers)
     if len(numbers) != last - first + 1:
       missing = sorted(set(range(first, last + 1)) - set(numbers))
-      raise BadVideoError(f"{len(missing)} missing frame(s) in {path} (numbers "
-                          f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}"
-                          f" of {first}..{last})")
+      shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+      raise BadVideoError(f"{len(missing)} missing frame(s) in {path} (numbers {shown} of "
+                          f"{first}..{last})")
     self.files = [os.path.join(path, numbers[n]) for n in range(first, last + 1)]
     self.num_frames = len(self.files)
 

@@ -323,8 +323,9 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
             f"first in sorted path order is listed", file=sys.stderr)
   for src, e in zip(annotations.values(), entries.values()):  # before writing anything
     if not any(n in found for x in e for n in x.names):
-      where = (f"frame folders under {root} (looked for folders such as {e[0].names[0]}/): "
-               f"point --data_dir (or --videos) at the folder holding the <id>/ folders"
+      where = (f"as frame folders under {root} (looked for folders such as "
+               f"{e[0].names[0]}/): point --data_dir (or --videos) at the folder holding the "
+               f"<id>/ folders"
                if dataset == "ssv1" else
                f"among the {len(found)} video files under {root} (looked for names such as "
                f"{e[0].names[0]}.mp4/.webm/...): point --data_dir (or --videos) at the videos")
