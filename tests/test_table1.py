@@ -62,18 +62,20 @@ def test_variants_and_summary():
       structsa=dict(d=4, stride=1, aggregation="context", kernel_size=5, init="centre"))
   assert t.VARIANTS["SA"][0] == 0 and t.VARIANTS["StructSA D=4 stride 2"][:2] == (4, 2)
   args = t.parse_args([])
-  assert args.seeds == 3 and args.coherence == t.COHERENCE and args.jobs >= 1
+  deit = t.DEFAULTS["deit"]
+  assert args.seeds == 3 and args.coherence == deit["coherence"] == 1.0 and args.jobs >= 1
+  assert (args.steps, args.lr, args.speed) == (deit["steps"], deit["lr"], deit["speed"])
   assert args.backbone == "deit" and args.inits == "torch,centre"
   assert args.variants.split(",") == list(t.DEFAULTS["deit"]["variants"])
   assert t.parse_args(["--quick"]).jobs == 1
   c = t.make_config("synthetic_motion", "StructSA D=4", 2, args, init="centre")
   assert (c.seed, c.model.kwargs.structsa.d, c.data.coherence, c.num_train_steps) == (2, 4,
-                                                                              t.COHERENCE,
-                                                                              args.steps)
+                                                                              1.0, 600)
   assert c.model.name == "deit_tiny" and c.model.kwargs.temporal_patch_size == 1
   assert c.model.kwargs.structsa.init == "centre"
   uniformer = t.parse_args(["--backbone=structvit_tiny"])
   assert uniformer.datasets == "synthetic_motion,synthetic_video" and uniformer.inits == ""
+  assert (uniformer.coherence, uniformer.steps, uniformer.lr) == (t.COHERENCE, 300, 3e-3)
   c = t.make_config("synthetic_motion", "StructSA D=4", 0, uniformer)
   assert c.model.name == "structvit_tiny" and "init" not in c.model.kwargs.structsa
   run = dict(dataset="x", variant="SA", d=0, stride=1, aggregation="context", params=10,

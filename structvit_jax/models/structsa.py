@@ -150,6 +150,7 @@ class StructSA(nn.Module):
   num_heads: int
   structsa: StructSAConfig = StructSAConfig()
   qkv_bias: bool = True
+  qkv_init_std: float = 0.02       # truncated-normal std of the qkv kernel (timm's 0.02)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -177,8 +178,10 @@ class StructSA(nn.Module):
     if extra is not None:
       tokens = jnp.concatenate([extra.astype(x.dtype), tokens], axis=1)
 
+    qkv_init = (layers.trunc_normal_02 if self.qkv_init_std == 0.02 else
+                nn.initializers.truncated_normal(stddev=self.qkv_init_std))
     qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=dtype, param_dtype=self.param_dtype,
-                   kernel_init=layers.trunc_normal_02, name="qkv")(tokens)
+                   kernel_init=qkv_init, name="qkv")(tokens)
     q, k, v = jnp.split(qkv.reshape(b, n_extra + n_grid, 3, h, hd), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]           # [B, N, heads, hd]
 
