@@ -100,7 +100,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
-  """From the dataset when it can say (synthetic sources, tfds label names), else None."""
+  """From the dataset when it can say (synthetic sources, tfds label names, a video
+  dataset's DATA_DIR/classes.txt), else None."""
   data = config.data
   if data.name == "synthetic_motion":
     from structvit_jax.data import motion
@@ -108,6 +109,15 @@ def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
   if data.name.startswith("synthetic_"):
     from structvit_jax.data import synthetic
     return list(synthetic.IMAGE_CLASSES if data.name == "synthetic_image" else synthetic.MOTIONS)
+  from structvit_jax.data import pipeline
+  if pipeline._BUILDERS.get(data.name) is pipeline._video and data.data_dir:
+    # DATA_DIR/classes.txt, written next to the lists by data/video_lists.py (label order).
+    try:
+      with open(os.path.join(data.data_dir, "classes.txt"), encoding="utf-8") as f:
+        names = [l.strip() for l in f if l.strip()]
+      return names or None
+    except OSError:  # not on the exporting machine, or lists made by hand
+      return None
   if data.name in ("imagenet2012", "image_folder") and data.data_dir:
     try:  # the data may not be on the exporting machine: names are optional
       import tensorflow_datasets as tfds

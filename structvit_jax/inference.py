@@ -214,7 +214,8 @@ def _image(x: Input, spec: dict[str, Any]) -> np.ndarray:
 
 
 def _video(x: Input, spec: dict[str, Any], clips: int = 1, crops: int = 1) -> np.ndarray:
-  """uint8 TxHxWx3 (array = all frames of a video, or a file decoded with PyAV) -> the
+  """uint8 TxHxWx3 (array = all frames of a video, a file decoded with PyAV, or a frame
+  folder) -> the
   clips x crops test views [V, T, S, S, 3] of the eval pipeline (video.ClipConfig)."""
   from structvit_jax.data import video
   if isinstance(x, np.ndarray) and (x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8
@@ -316,6 +317,8 @@ class Predictor:
     if not isinstance(x, np.ndarray):
       if not os.path.exists(x):
         raise InputError(f"cannot read {os.fspath(x)}: no such file")
+      if spec["kind"] == "video" and os.path.isdir(x):
+        return  # a frame folder (SSv1's <id>/00001.jpg ...; data/video.py)
       if not os.path.isfile(x):
         raise InputError(f"cannot read {os.fspath(x)}: not a file")
       if spec["kind"] == "image" and os.fspath(x).lower().endswith(_VIDEO_EXTS):

@@ -16,7 +16,8 @@ NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "dist_token")
 # The official models' no_weight_decay() names, which timm matches against whole parameter
 # names: only top-level leaves (DeiT's pos_embed / cls_token), never UniFormer's per-block
 # `blocksK.i.pos_embed.weight` (docs/official_weights.md, "Weight decay").
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
+# time_embed: the video DeiT's temporal table, pos_embed's twin (TimeSformer's no_weight_decay()).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "time_embed")
 # Leaves that are vectors here but [1, C, 1, 1] in PyTorch, so rank > 1 for the official
 # rule: TL UniFormer-L's CBlock layer scale (stages 1-2).
 _TORCH_4D_VECTORS = re.compile(r"^blocks[12]_\d+/gamma_[12]$")

@@ -49,13 +49,14 @@ class Family:
   fill: Callable[..., Any] | None = None
   resize: Callable[..., np.ndarray | None] | None = None
   models: tuple[type, ...] = ()      # classes whose state_dicts infer_kwargs reads
+  torch_renames: tuple[tuple[str, str], ...] = ()  # (official key prefix, ours) where they differ
   infer_kwargs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
 
 
 @functools.cache
 def families() -> tuple[Family, ...]:  # imported on first use: the modules import this one
   return tuple(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
-               for m in ("uniformer", "timesformer", "structsa"))
+               for m in ("uniformer", "timesformer", "structsa", "deit"))
 
 
 def _names(field: str) -> set[str]:
@@ -137,9 +138,12 @@ def from_torch(state_dict: Mapping[str, np.ndarray], abstract: Any) -> dict[Path
   by_key = {k: (p, len(leaf.shape)) for p, leaf in flat_paths(abstract).items()
             if (k := torch_key(p)) is not None}
   out, unmapped = {}, []
+  renames = [r for f in families() for r in f.torch_renames]
   for key, w in state_dict.items():
     if key.endswith(IGNORED_SUFFIXES):
       continue
+    key = next((ours + key[len(theirs):] for theirs, ours in renames
+                if key.startswith(theirs) and key not in by_key), key)
     if key not in by_key:
       unmapped.append(f"{key} {list(np.shape(w))}")
       continue

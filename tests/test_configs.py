@@ -27,6 +27,7 @@ VARIANTS = {
     "k400_s": "d=4,stride=2,frames=8", "k400_b": "d=0", "ssv2_s": "aggregation=element",
     "ssv2_b": "kernel_size=3,frames=16", "diving48_b": "form=reference",
     "finegym_b": "classes=99", "deit_s_ablation": "d=8,m=5,aggregation=element",
+    "ssv1_s": "d=8,frames=8", "ssv1_b": "aggregation=element",
     "demo": "image_size=48,epochs=1", "demo_video": "frames=4,image_size=32",
     "k400_timesformer": "attention=joint_space_time", "ssv2_timesformer": "attention=axial",
 }
@@ -43,7 +44,8 @@ def input_shape(c):
 
 
 def test_every_recipe_is_listed():
-  expected = {"in1k_s", "in1k_b", "in1k_l", "k400_s", "k400_b", "ssv2_s", "ssv2_b",
+  expected = {"in1k_s", "in1k_b", "in1k_l", "k400_s", "k400_b", "ssv1_s", "ssv1_b",
+              "ssv2_s", "ssv2_b",
               "diving48_b", "finegym_b", "deit_s_ablation", "demo", "demo_video",
               "k400_timesformer", "ssv2_timesformer"}
   assert set(RECIPES) == expected == set(VARIANTS)

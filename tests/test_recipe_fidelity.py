@@ -90,6 +90,7 @@ def test_timm_rule_layer_scale_and_top_level_tokens():
     ("in1k_s.py", "timm"), ("in1k_b.py", "timm"), ("in1k_l.py", "timm"),
     ("in1k_s.py:res=384", "timm"), ("deit_s_ablation.py", "timm"), ("k400_s.py", "timm"),
     ("ssv2_b.py", "timm"), ("diving48_b.py", "timm"), ("finegym_b.py", "timm"),
+    ("ssv1_s.py", "timm"), ("deit_s_ablation.py:video=True", "timm"),
     ("k400_timesformer.py", "all"), ("ssv2_timesformer.py", "all"),
     ("demo.py", "no_pos_embed")])
 def test_recipes_use_their_official_decay_rule(spec, rule):

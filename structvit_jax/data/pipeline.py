@@ -203,8 +203,9 @@ _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, str, bool], DatasetSpe
     "synthetic_image": _synthetic_image,
     "synthetic_video": _synthetic_video,
     "synthetic_motion": _motion,
-    # List file + video folder, decoded with PyAV (video.py).
+    # List file + video folder, decoded with PyAV (video.py); SSv1: frame folders (PIL).
     "kinetics400": _video,
+    "ssv1": _video,
     "ssv2": _video,
     "diving48": _video,
     "finegym": _video,

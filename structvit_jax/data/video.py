@@ -1,10 +1,16 @@
-"""Video datasets (Kinetics-400, Something-Something V2, Diving-48, FineGym) from list files,
-decoded with PyAV inside the grain transforms (so decoding runs in grain worker processes).
+"""Video datasets (Kinetics-400, Something-Something V1/V2, Diving-48, FineGym) from list
+files, decoded inside the grain transforms (so decoding runs in grain worker processes):
+video files with PyAV, frame folders (SSv1: `<id>/00001.jpg ...`) with PIL.
 
 List files (the UniFormer / mmaction format, `relative/path.mp4 label` per line): README.md,
 "Videos". Labels are the last field, so paths may contain spaces; unset
 config.data.train_list / eval_list, the list of split S is DATA_DIR/S.csv. The source only
-returns the path: decoding happens in the transform, per example.
+returns the path: decoding happens in the transform, per example. A path that is a
+directory is a frame folder (`FrameFolderReader`): its frames are the image files named by
+their number (`00001.jpg`, numbered from 1, or from 0 if there is a `0.jpg`), frame i of
+the video being the i-th number; the folder is listed when the video is opened (the frame
+count is never stored in the list). Everything below (sampling, views, bad data) is the
+same for both kinds.
 
 Temporal sampling (frame indices into the file's frames; L = number of frames):
 - dense (K400): N frames `rate` apart, a window of W = (N-1)*rate+1 frames. Train: start
@@ -26,7 +32,10 @@ separate examples (view = clip * test_crops + crop) with its `video_id`; the tra
 their softmax scores per video (SlowFast/UniFormer sum softmax scores over views).
 
 Bad data: an unreadable or missing video is logged once per process with its path and
-counted in the per-example field `bad` (int32). Train: replaced by another video drawn from
+counted in the per-example field `bad` (int32). A frame folder is bad when it has no
+frames, when its numbering has a gap (a missing frame: the whole video is bad, whichever
+frames a clip would use, so the count does not depend on the sampling draw) or when a frame
+it needs does not decode (a corrupt JPEG). Train: replaced by another video drawn from
 the example's own rng (deterministic). Eval: the view is kept as a blank clip with mask=False
 (excluded from the metrics; replacing it would evaluate a different video).
 """
@@ -49,7 +58,9 @@ from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Norm
 from structvit_jax.data.preprocessing import eval_spec
 
 # Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
-VIDEO_DATASETS = {"kinetics400": 400, "ssv2": 174, "diving48": 48, "finegym": 288}
+VIDEO_DATASETS = {"kinetics400": 400, "ssv1": 174, "ssv2": 174, "diving48": 48,
+                  "finegym": 288}
+FRAME_EXTS = (".jpg", ".jpeg", ".png")  # frame folders: image files named by frame number
 MAX_RETRIES = 10          # train: replacements tried before giving up (SlowFast NUM_RETRIES)
 SEEK_MIN_FRAMES = 32      # seek first only when the first needed frame is this far in
 BAD_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, RuntimeError)
@@ -241,6 +252,72 @@ class VideoReader:
     return j
 
 
+class FrameFolderReader:
+  """A frame folder (SSv1's `<id>/00001.jpg ...`) with VideoReader's interface: its frame
+  count (the folder is listed here) and `read(indices, short_side)` (PIL, bilinear).
+  BadVideoError: no frames, a gap in the numbering (a missing frame), or, in `read`, a
+  frame that does not decode."""
+
+  def __init__(self, path: str):
+    self.path = path
+    numbers = {}
+    for name in os.listdir(path):
+      stem, ext = os.path.splitext(name)
+      if ext.lower() in FRAME_EXTS and stem.isascii() and stem.isdigit():
+        numbers.setdefault(int(stem), name)  # 00001.jpg and 1.jpg: the first listed wins
+    if not numbers:
+      raise BadVideoError(f"no frames ({'/'.join(FRAME_EXTS)} named by number) in {path}")
+    first = 0 if 0 in numbers else 1
+    last = max(numbers)
+    if len(numbers) != last - first + 1:
+      missing = sorted(set(range(first, last + 1)) - set(numbers))
+      shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+      raise BadVideoError(f"{len(missing)} missing frame(s) in {path} (numbers {shown} of "
+                          f"{first}..{last})")
+    self.files = [os.path.join(path, numbers[n]) for n in range(first, last + 1)]
+    self.num_frames = len(self.files)
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self) -> "FrameFolderReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    pass
+
+  def _frame(self, index: int, h: int | None, w: int | None, short_side: int) -> np.ndarray:
+    from PIL import Image
+    path = self.files[index]
+    try:
+      with Image.open(path) as im:
+        im = im.convert("RGB")  # decodes the whole file: a truncated JPEG raises here
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError, ...
+      raise BadVideoError(f"cannot decode frame {path}: {type(e).__name__}: {e}") from None
+    if h is None:
+      h, w = short_side_shape(im.height, im.width, short_side)
+    if (im.height, im.width) != (h, w):
+      im = im.resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(im, np.uint8)
+
+  def read(self, indices: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 [len(indices), h, w, 3], the short side resized to `short_side` (PIL bilinear;
+    every frame to the first one's (h, w)). Each distinct index is decoded once."""
+    want, inverse = np.unique(np.asarray(indices), return_inverse=True)
+    if want[0] < 0 or want[-1] >= self.num_frames:
+      raise ValueError(f"frame indices {want[0]}..{want[-1]} outside the {self.num_frames} "
+                       f"frames of {self.path}")
+    first = self._frame(int(want[0]), None, None, short_side)
+    h, w = first.shape[:2]
+    out = np.stack([first] + [self._frame(int(i), h, w, short_side) for i in want[1:]])
+    return out[inverse.reshape(-1)]
+
+
+def open_video(path: str) -> VideoReader | FrameFolderReader:
+  """A reader of `path`: a frame folder if it is a directory, else a video file (PyAV)."""
+  return FrameFolderReader(path) if os.path.isdir(path) else VideoReader(path)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 def _log_bad(path: str, error: Exception) -> None:
@@ -287,7 +364,7 @@ class ClipConfig:
         frames = np.stack([np.asarray(Image.fromarray(f).resize(
             (w, h), Image.Resampling.BILINEAR)) for f in frames])
     else:
-      with VideoReader(video) as reader:
+      with open_video(video) as reader:
         frames = reader.read(self.indices(reader.num_frames, clip=clip), self.size)
     return frames
 
@@ -301,7 +378,7 @@ class DecodeTrainClip(grain.transforms.RandomMap):
 
   def _clip(self, path: str, rng: np.random.Generator) -> np.ndarray:
     c = self.cfg
-    with VideoReader(path) as reader:
+    with open_video(path) as reader:
       idx = c.indices(reader.num_frames, rng)
       # SlowFast random_short_side_scale_jitter: inverse-uniform (uniform in 1/size).
       short = int(round(1.0 / rng.uniform(1.0 / self.jitter[1], 1.0 / self.jitter[0])))
@@ -368,6 +445,12 @@ class VideoRandAugment(grain.transforms.RandomMap):
 def _howto(data: ml_collections.ConfigDict) -> str:
   lists = " and ".join(os.path.basename(list_file(data, split))
                        for split in (data.train_split, data.eval_split))
+  if data.name == "ssv1":
+    return (f"Expected: the frame folders (<id>/00001.jpg ...) under DATA_DIR and the list "
+            f"files {lists} in it, one folder per line: 'relative/folder label', written "
+            f"from the official CSVs by `python -m structvit_jax.data.video_lists "
+            f"--dataset=ssv1 ...` (other names via config.data.train_list / eval_list). "
+            f"Pass --config.data.data_dir=DATA_DIR (README, 'Video datasets').")
   return (f"Expected: the videos under DATA_DIR and the list files {lists} in it, one "
           f"video per line: 'relative/path.mp4 label' (the UniFormer/mmaction annotation "
           f"format; other names via config.data.train_list / eval_list). Pass "

@@ -5,6 +5,8 @@ Kinetics-400 annotations:
       --train=something-something-v2-train.json --val=something-something-v2-validation.json
   python -m structvit_jax.data.video_lists --dataset=kinetics400 --data_dir=DATA_DIR \
       --train=kinetics400/train.csv --val=kinetics400/validate.csv [--classes=FILE]
+  python -m structvit_jax.data.video_lists --dataset=ssv1 --data_dir=DATA_DIR \
+      --train=something-something-v1-train.csv --val=something-something-v1-validation.csv
 
 Writes DATA_DIR/train.csv and DATA_DIR/val.csv (`relative/path label` per line, the names
 the video configs read) and DATA_DIR/classes.txt (the class names in label order, for
@@ -20,6 +22,13 @@ with any video extension:
   Labels: the sorted class names of the given CSVs (mmaction's order), or the order of
   --classes (one name a line, or `name<TAB>index` lines such as UniFormer's
   kinetics_400_categroies.txt, whose order its official K400 weights use).
+- SSv1 (frame folders `<id>/00001.jpg ...`; `id;label name` lines): the folder `<id>` directly
+  under --videos, default DATA_DIR/20bn-something-something-v1 if that exists, else DATA_DIR
+  (folders are looked up by id, the frames are not listed here: the pipeline lists a
+  folder when it reads it, so the list holds no frame counts). Labels: the position of the
+  name among the sorted names of something-something-v1-labels.csv (default: the one next
+  to --train), as TSM's tools/gen_label_sthv1.py writes category.txt and its lists, which
+  UniFormer's SSv1 loader reads; or the order of --classes (e.g. that category.txt).
 A listed video that is not found is left out of the list, counted, and named in
 DATA_DIR/<list>.missing.txt (Kinetics always has some: YouTube removals); none found is an
 error.
@@ -40,6 +49,8 @@ from structvit_jax import errors
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 SSV2_LABELS = "something-something-v2-labels.json"
+SSV1_LABELS = "something-something-v1-labels.csv"
+SSV1_FRAMES = "20bn-something-something-v1"  # the folder the official archive unpacks to
 K400_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
@@ -153,6 +164,62 @@ def kinetics_entries(rows: list[dict[str, str]], classes: Sequence[str], path: s
   return out
 
 
+def _read_lines(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def ssv1_classes(labels_csv: str) -> list[str]:
+  """Class names in label order from something-something-v1-labels.csv (one name a line):
+  sorted, as TSM's gen_label_sthv1.py (module docstring)."""
+  names = [l.strip() for l in _read_lines(labels_csv) if l.strip()]
+  if not names:
+    raise errors.UserError(f"{labels_csv}: no class names (expected one label name a line)")
+  bad = [n for n in names if ";" in n]
+  if bad:
+    raise errors.UserError(f"{labels_csv}: expected one label name a line, got {bad[0]!r} "
+                           f"(an 'id;label' list? pass the labels file as --labels)")
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise errors.UserError(f"{labels_csv}: {len(dup)} name(s) listed twice, e.g. {dup[0]!r}")
+  return sorted(names)
+
+
+def ssv1_entries(list_csv: str, classes: Sequence[str]) -> list[Entry]:
+  """Entries of something-something-v1-{train,validation}.csv (`id;label name` lines)."""
+  index = {name: i for i, name in enumerate(classes)}
+  out = []
+  for lineno, line in enumerate(_read_lines(list_csv), 1):
+    line = line.strip()
+    if not line:
+      continue
+    vid, sep, name = (x.strip() for x in line.partition(";"))
+    if not sep or not name:
+      raise errors.UserError(f"{list_csv}:{lineno}: expected 'id;label name' (the SSv1 list "
+                             f"format), got {line!r}"
+                             + ("; no label: the test set? give the train and validation "
+                                "lists" if not sep else ""))
+    if not vid or "/" in vid or vid in (".", ".."):
+      raise errors.UserError(f"{list_csv}:{lineno}: {vid!r} is not a video id (expected "
+                             f"'id;label name', got {line!r})")
+    if name not in index:
+      raise errors.UserError(f"{list_csv}:{lineno}: label {name!r} is not among the "
+                             f"{len(classes)} class names (is --labels / --classes of the "
+                             f"same release?)")
+    out.append(Entry((vid,), index[name]))
+  if not out:
+    raise errors.UserError(f"{list_csv}: lists no videos (expected 'id;label name' lines)")
+  return out
+
+
+def index_frame_folders(root: str, entries: Sequence[Entry]) -> dict[str, str]:
+  """{id: id} for the entries whose folder root/<id> exists (looked up, not walked)."""
+  return {n: n for e in entries for n in e.names if os.path.isdir(os.path.join(root, n))}
+
+
 # ----------------------------------------------------------------------------- videos
 
 
@@ -202,8 +269,8 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
             videos: str | None = None) -> list[Written]:
   """Writes DATA_DIR/<list> for each {list file name: annotation file} and
   DATA_DIR/classes.txt (module docstring); returns what was written per list."""
-  if dataset not in ("ssv2", "kinetics400"):
-    raise errors.UserError(f"--dataset={dataset}: 'ssv2' or 'kinetics400'")
+  if dataset not in ("ssv1", "ssv2", "kinetics400"):
+    raise errors.UserError(f"--dataset={dataset}: 'ssv1', 'ssv2' or 'kinetics400'")
   if not annotations:
     raise errors.UserError("give at least one annotation file: --train=... and/or --val=...")
   if not os.path.isdir(data_dir):
@@ -216,7 +283,17 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
     if os.path.exists(out) and os.path.samefile(out, src):
       raise errors.UserError(f"{src} would be overwritten by the list {name}: keep the "
                              f"annotations outside --data_dir or under another name")
-  if dataset == "ssv2" and classes:
+  if dataset == "ssv1":
+    if classes:
+      names = read_classes(classes)
+    else:
+      labels = labels or os.path.join(os.path.dirname(next(iter(annotations.values()))),
+                                      SSV1_LABELS)
+      if not os.path.isfile(labels):
+        raise errors.UserError(f"{labels} not found: pass --labels=.../{SSV1_LABELS}")
+      names = ssv1_classes(labels)
+    entries = {n: ssv1_entries(src, names) for n, src in annotations.items()}
+  elif dataset == "ssv2" and classes:
     names = [n.replace("[", "").replace("]", "") for n in read_classes(classes)]
     entries = {n: ssv2_entries(src, names) for n, src in annotations.items()}
   elif dataset == "ssv2":
@@ -234,17 +311,25 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
       print(f"note: {len(names)} classes in the given CSVs (Kinetics-400 has 400): train with "
             f"--config.data.num_classes={len(names)}", file=sys.stderr)
     entries = {n: kinetics_entries(rows[n], names, annotations[n]) for n in annotations}
+  if dataset == "ssv1" and not videos and os.path.isdir(os.path.join(data_dir, SSV1_FRAMES)):
+    videos = SSV1_FRAMES
   root = os.path.join(data_dir, videos) if videos else data_dir
-  found, duplicates = index_videos(root)
-  if duplicates:
-    print(f"note: {duplicates} video file name(s) occur more than once under {root}; the "
-          f"first in sorted path order is listed", file=sys.stderr)
+  if dataset == "ssv1":
+    found = index_frame_folders(root, [x for e in entries.values() for x in e])
+  else:
+    found, duplicates = index_videos(root)
+    if duplicates:
+      print(f"note: {duplicates} video file name(s) occur more than once under {root}; the "
+            f"first in sorted path order is listed", file=sys.stderr)
   for src, e in zip(annotations.values(), entries.values()):  # before writing anything
     if not any(n in found for x in e for n in x.names):
-      raise errors.UserError(
-          f"none of the {len(e)} videos of {src} found among the {len(found)} video files "
-          f"under {root} (looked for names such as {e[0].names[0]}.mp4/.webm/...): point "
-          f"--data_dir (or --videos) at the videos")
+      where = (f"as frame folders under {root} (looked for folders such as "
+               f"{e[0].names[0]}/): point --data_dir (or --videos) at the folder holding the "
+               f"<id>/ folders"
+               if dataset == "ssv1" else
+               f"among the {len(found)} video files under {root} (looked for names such as "
+               f"{e[0].names[0]}.mp4/.webm/...): point --data_dir (or --videos) at the videos")
+      raise errors.UserError(f"none of the {len(e)} videos of {src} found {where}")
   prefix = os.path.relpath(root, data_dir)
   written = [write_list(e, found, os.path.join(data_dir, n), "" if prefix == "." else prefix)
              for n, e in entries.items()]
@@ -268,16 +353,21 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
   # Defined only when run as a program: prepare.py defines --dataset / --data_dir too.
-  flags.DEFINE_enum("dataset", None, ["ssv2", "kinetics400"], "Whose annotations.")
+  flags.DEFINE_enum("dataset", None, ["ssv1", "ssv2", "kinetics400"], "Whose annotations.")
   flags.DEFINE_string("data_dir", None, "The videos' directory; the lists are written here.")
-  flags.DEFINE_string("train", None, "Train annotations (SSv2 JSON / Kinetics CSV).")
-  flags.DEFINE_string("val", None, "Validation annotations (SSv2 JSON / Kinetics CSV).")
+  flags.DEFINE_string("train", None, "Train annotations (SSv1 CSV / SSv2 JSON / Kinetics CSV).")
+  flags.DEFINE_string("val", None, "Validation annotations (SSv1 CSV / SSv2 JSON / Kinetics "
+                      "CSV).")
   flags.DEFINE_string("train_list", "train.csv", "Name of the train list written.")
   flags.DEFINE_string("val_list", "val.csv", "Name of the validation list written.")
-  flags.DEFINE_string("labels", None, f"SSv2: {SSV2_LABELS} (default: next to --train).")
+  flags.DEFINE_string("labels", None, f"SSv2: {SSV2_LABELS}; SSv1: {SSV1_LABELS} (default: "
+                      f"next to --train).")
   flags.DEFINE_string("classes", None, "Class order (one name a line, or 'name<TAB>index'); "
-                      "default: Kinetics: the sorted class names; SSv2: --labels.")
-  flags.DEFINE_string("videos", None, "Sub-directory of --data_dir to search for the videos.")
+                      "default: Kinetics: the sorted class names; SSv2: --labels; SSv1: the "
+                      "sorted names of --labels.")
+  flags.DEFINE_string("videos", None, "Sub-directory of --data_dir to search for the videos "
+                      f"(SSv1: holding the <id>/ frame folders; default {SSV1_FRAMES} if it "
+                      "exists).")
   flags.mark_flags_as_required(["dataset", "data_dir"])
 
 

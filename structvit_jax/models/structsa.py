@@ -24,6 +24,11 @@ Dtype = Any
 
 AGGREGATIONS = ("context", "element")
 FORMS = ("fused", "reference")
+# U^K / U^V initialisation (docs/structsa.md, "Initialisation"): 'centre' = identity centre tap
+# (+ init_noise), StructSA == SA at init; 'torch' = PyTorch's conv default for these depthwise
+# kernels, U(-1/sqrt(M), 1/sqrt(M)) with M the window's taps, as a StructViT built on the
+# official UniFormer code (whose _init_weights leaves convs alone) would start.
+INITS = ("centre", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class StructSAConfig:
   stride: int = 1                  # S, over H and W of the key/value grid; needs D > 0
   aggregation: str = "context"     # AGGREGATIONS: 'context' (eq. 5) or 'element' (eq. 4)
   init_noise: float = 0.02         # std of N(0, s^2) on the centre-tap U^K, U^V; 0: == SA at init
+  init: str = "centre"             # INITS: U^K / U^V from scratch; weights loaded replace it
   form: str = "fused"              # FORMS: 'fused' or 'reference' (docs/structsa.md)
   attention_impl: str = "auto"     # ATTENTION_IMPLS (attention.py), the fused form's kernel
   depthwise_impl: str = "auto"     # DEPTHWISE_IMPLS (layers.py): the key/value convs, and every
@@ -48,7 +54,7 @@ class StructSAConfig:
     if not isinstance(self.kernel_size, int):  # JSON gives lists; a field must be hashable
       object.__setattr__(self, "kernel_size", tuple(int(k) for k in self.kernel_size))
     kernel = (self.kernel_size,) if isinstance(self.kernel_size, int) else self.kernel_size
-    switches = (("aggregation", AGGREGATIONS), ("form", FORMS),
+    switches = (("aggregation", AGGREGATIONS), ("form", FORMS), ("init", INITS),
                 ("attention_impl", ATTENTION_IMPLS), ("depthwise_impl", layers.DEPTHWISE_IMPLS))
     for ok, msg in [
         (self.d >= 0, f"D={self.d} must be >= 0 (0 = vanilla SA)"),
@@ -79,6 +85,23 @@ def centre_tap_init(noise_std: float = 0.0):
     return w
 
   return init
+
+
+def torch_depthwise_init():
+  """PyTorch's default init of a depthwise conv (groups = C) holding U^K / U^V [*window, D, C]:
+  kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = the window's taps
+  (each output channel sees one input channel)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / np.sqrt(np.prod(shape[:-2]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def structure_init(cfg: "StructSAConfig"):
+  """The initialiser of U^K / U^V that cfg.init names."""
+  return torch_depthwise_init() if cfg.init == "torch" else centre_tap_init(cfg.init_noise)
 
 
 def _accumulation(*dtypes: Dtype) -> Dtype:
@@ -127,6 +150,7 @@ class StructSA(nn.Module):
   num_heads: int
   structsa: StructSAConfig = StructSAConfig()
   qkv_bias: bool = True
+  qkv_init_std: float = 0.02       # truncated-normal std of the qkv kernel (timm's 0.02)
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -154,14 +178,16 @@ class StructSA(nn.Module):
     if extra is not None:
       tokens = jnp.concatenate([extra.astype(x.dtype), tokens], axis=1)
 
+    qkv_init = (layers.trunc_normal_02 if self.qkv_init_std == 0.02 else
+                nn.initializers.truncated_normal(stddev=self.qkv_init_std))
     qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, dtype=dtype, param_dtype=self.param_dtype,
-                   kernel_init=layers.trunc_normal_02, name="qkv")(tokens)
+                   kernel_init=qkv_init, name="qkv")(tokens)
     q, k, v = jnp.split(qkv.reshape(b, n_extra + n_grid, 3, h, hd), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]           # [B, N, heads, hd]
 
     u_k = u_v = None
     if self.structsa.d > 0:
-      init = centre_tap_init(self.structsa.init_noise)
+      init = structure_init(self.structsa)
       u_k = self.param("u_k", init, (*window_k, self.structsa.d, c), self.param_dtype)
       u_v = self.param("u_v", init, (*window_v, self.structsa.d, c), self.param_dtype)
 

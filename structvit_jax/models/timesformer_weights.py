@@ -14,11 +14,15 @@ _TWINS = {"temporal_attn": "attn", "temporal_norm1": "norm1"}
 
 def from_vit(path: weights.Path, shape: tuple[int, ...], src: Mapping[weights.Path, Any],
              init: Callable[[], dict]) -> Any:
-  """A 2-D ViT (no time_embed) into a TimeSformer: temporal_attn / temporal_norm1 copied from
-  attn / norm1; time_embed and temporal_fc keep their (zero) init."""
+  """A 2-D ViT (no time_embed) into a TimeSformer (or a video DeiT): temporal_attn /
+  temporal_norm1 copied from attn / norm1; temporal_fc keeps its (zero) init and time_embed
+  starts at zero (TimeSformer's init; the video DeiT draws its own at random), so frames
+  look alike to the model as they did to the image model."""
   if any(p[-1] == "time_embed" for p in src):
     return None
-  if path[-1] == "time_embed" or any(m.endswith("temporal_fc") for m in path):
+  if path[-1] == "time_embed":
+    return np.zeros(shape, np.float32)
+  if any(m.endswith("temporal_fc") for m in path):
     return init()[path]
   return src.get(tuple(_TWINS.get(m, m) for m in path))
 
