@@ -10,8 +10,8 @@
   README.md        the model card (`model_card`).
 
 Formulations. Both artefacts use XLA attention (the cuDNN / Pallas kernels exist for one
-platform only). The StableHLO forward picks the depthwise convolution per platform at run
-time (`jax.lax.platform_dependent`): the shift-add form on cpu, as the Predictor on XLA:CPU
+platform only). The StableHLO forward picks the depthwise convolution per platform where
+it is compiled (`jax.lax.platform_dependent`): the shift-add form on cpu, as the Predictor on XLA:CPU
 (docs/platform_notes.md), the convolution elsewhere. ONNX gets the convolution form and
 StructSA's fused form: what jax2onnx converts and onnxruntime runs (docs/serving.md, "ONNX").
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
