@@ -457,6 +457,8 @@ def main(argv=None) -> dict:
            if (i == 0 or variant in TABLES["1a"]) and (i == 0 or VARIANTS[variant][0] > 0)]
   # SA has no U^K / U^V: its runs carry no init.
   tasks = [(ds, v, "" if VARIANTS[v][0] == 0 else init, seed) for ds, v, init, seed in tasks]
+  if args.backbone == "deit":  # Table 1a (both inits) for every seed first: the core rows
+    tasks.sort(key=lambda t: (t[1] not in TABLES["1a"], t[0], t[3]))  # stable otherwise
   costs = {v: model_cost(make_config(tasks[0][0], v, 0, args))
            for v in dict.fromkeys(t[1] for t in tasks)}
   runs, start, result = [], time.perf_counter(), None
