@@ -74,7 +74,11 @@ def test_choose_tpu(q_shape, k_shape, dtype, devices, mesh, want, why):
 def test_choose_cpu_and_bad_requests():
   shape = (2, 256, 4, 64)
   impl, reason = attn.choose_implementation("cpu", shape, shape, BF16, None)
-  assert impl == "xla" and "cpu" in reason
+  assert impl == "einsum" and "CPU" in reason
+  assert attn.choose_implementation("cpu", shape, shape, BF16, "xla")[0] == "xla"
+  for backend in ("gpu", "tpu"):  # 'einsum' is only the CPU default; it runs anywhere forced
+    assert attn.choose_implementation(backend, shape, shape, BF16, "einsum")[0] == "einsum"
+  assert attn.choose_implementation("rocm", shape, shape, BF16, None)[0] == "xla"
   with pytest.raises(ValueError, match="needs a GPU backend"):
     attn.choose_implementation("cpu", shape, shape, BF16, "cudnn")
   with pytest.raises(ValueError, match="needs a TPU backend"):
@@ -88,13 +92,49 @@ def test_choose_cpu_and_bad_requests():
 # ----------------------------------------------------------------------------- CPU runs
 
 
-@pytest.mark.parametrize("impl", [None, "auto", "xla"])
-def test_cpu_paths_equal_jax_nn(impl):
+def test_xla_path_equals_jax_nn():
   q, k, v = qkv()
-  got = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, impl))(q, k, v)
+  got = jax.jit(lambda q, k, v: attn.dot_product_attention(q, k, v, "xla"))(q, k, v)
   want = jax.jit(jax.nn.dot_product_attention)(q, k, v)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # same XLA program
   np.testing.assert_allclose(got, reference(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [None, "auto", "einsum"])
+@pytest.mark.parametrize("shape", [(2, 12, 20, 2, 16), (3, 7, 29, 1, 8)])  # b, nq, nk, h, hd
+def test_cpu_einsum_equals_jax_nn_values_and_gradients(impl, shape):
+  """The CPU default (the custom-VJP einsum attention) against jax.nn's XLA attention:
+  outputs and the gradients w.r.t. q, k and v."""
+  b, nq, nk, h, hd = shape
+  q, k, v = qkv(b, nq, nk, h, hd, seed=nq)
+  w = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  loss = lambda f: lambda q, k, v: (f(q, k, v) * w).sum()
+  ours = lambda q, k, v: attn.dot_product_attention(q, k, v, impl)
+  theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(theirs)(q, k, v), atol=1e-6,
+                             rtol=1e-5)
+  got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss(theirs), (0, 1, 2)))(q, k, v)
+  for g, wnt in zip(got, want):
+    assert float(jnp.abs(wnt).max()) > 0
+    np.testing.assert_allclose(g, wnt, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_einsum_bfloat16_and_float64():
+  """bf16 inputs give bf16 outputs close to the float32 result; float64 (x64) stays float64."""
+  q, k, v = qkv()
+  want = reference(q, k, v)
+  b16 = [x.astype(BF16) for x in (q, k, v)]
+  got = attn.einsum_attention(*b16)
+  assert got.dtype == BF16
+  np.testing.assert_allclose(got.astype(F32), want, atol=5e-2)
+  gb = jax.grad(lambda *a: attn.einsum_attention(*a).astype(F32).sum(), (0, 1, 2))(*b16)
+  assert all(g.dtype == BF16 for g in gb)
+  with jax.enable_x64(True):
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    got = attn.einsum_attention(jnp.asarray(q64), jnp.asarray(k64), jnp.asarray(v64))
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, reference(q64, k64, v64), atol=1e-12)
 
 
 def test_explicit_cudnn_on_cpu_raises():
@@ -122,7 +162,7 @@ def test_logs_once_per_shape(monkeypatch):
   q, k, v = qkv(nq=7)
   for _ in range(3):
     attn.dot_product_attention(q, k, v)
-  assert len(calls) == 1 and calls[0][3] == "xla"
+  assert len(calls) == 1 and calls[0][3] == "einsum"
   attn.dot_product_attention(*qkv(nq=9))
   assert len(calls) == 2
 
