@@ -9,11 +9,12 @@
                    structvit_jax[onnx]), checked with onnxruntime when written.
   README.md        the model card (`model_card`).
 
-Formulations. Both artefacts use XLA attention (the cuDNN / Pallas kernels exist for one
-platform only). The StableHLO forward picks the depthwise convolution per platform where
-it is compiled (`jax.lax.platform_dependent`): the shift-add form on cpu, as the Predictor on XLA:CPU
-(docs/platform_notes.md), the convolution elsewhere. ONNX gets the convolution form and
-StructSA's fused form: what jax2onnx converts and onnxruntime runs (docs/serving.md, "ONNX").
+Formulations. The StableHLO forward picks them per platform where it is compiled
+(`jax.lax.platform_dependent`): on cpu the shift-add depthwise convolutions and the einsum
+attention, as the Predictor on XLA:CPU (docs/platform_notes.md); on cuda and tpu
+convolutions and XLA's attention (the cuDNN / Pallas kernels lower for one platform only).
+ONNX gets convolutions, XLA's attention and StructSA's fused form: what jax2onnx converts
+and onnxruntime runs (docs/serving.md, "ONNX").
 """
 
 from __future__ import annotations
@@ -47,17 +48,19 @@ def input_shape(spec: dict[str, Any]) -> tuple[int, ...]:
   return hw if spec["kind"] == "image" else (spec["num_frames"], *hw)
 
 
-def serving_model(model: Any, depthwise_impl: str, form: str | None = None) -> Any:
-  """`model` with the kernels a serving artefact needs: XLA attention, the given depthwise
-  formulation (and StructSA form), no remat. Parameters and results are unchanged."""
+def serving_model(model: Any, depthwise_impl: str, form: str | None = None,
+                  attention_impl: str = "xla") -> Any:
+  """`model` with the kernels a serving artefact needs: a portable attention formulation
+  (XLA's, or the einsum one), the given depthwise formulation (and StructSA form), no remat.
+  Parameters and results are unchanged."""
   fields = {f.name for f in dataclasses.fields(model)}
   changes: dict[str, Any] = {}
   if "structsa" in fields:
     changes["structsa"] = model.structsa.replace(
-        attention_impl="xla", depthwise_impl=depthwise_impl,
+        attention_impl=attention_impl, depthwise_impl=depthwise_impl,
         **({"form": form} if form else {}))
   if "attention_impl" in fields:
-    changes["attention_impl"] = "xla"
+    changes["attention_impl"] = attention_impl
   if "remat" in fields:
     changes["remat"] = False
   return model.clone(**changes)
@@ -77,19 +80,14 @@ def eval_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
   return forward
 
 
-def _has_depthwise(model: Any) -> bool:
-  """UniFormer / StructViT (their conv blocks), or StructSA with D > 0 (U^K, U^V)."""
-  if "structsa" not in {f.name for f in dataclasses.fields(model)}:
-    return False
-  return type(model).__name__ == "UniFormer" or model.structsa.d > 0
-
-
 def stablehlo_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
-  """The StableHLO artefact's function: the depthwise convolutions as shift-adds on cpu and
-  as convolutions elsewhere, chosen where it runs (models without them: one branch)."""
-  if not _has_depthwise(model):
-    return eval_forward(serving_model(model, "xla"), variables, spec)
-  on_cpu = eval_forward(serving_model(model, "shift"), variables, spec)
+  """The StableHLO artefact's function, with the formulations `inference.load` runs where it
+  is compiled (`jax.lax.platform_dependent`): on cpu the depthwise convolutions as
+  shift-adds and the einsum attention (the CPU choices of layers.py and attention.py),
+  elsewhere convolutions and XLA's attention (the cuDNN / Pallas kernels do not lower for
+  other platforms)."""
+  on_cpu = eval_forward(serving_model(model, "shift", attention_impl="einsum"), variables,
+                        spec)
   elsewhere = eval_forward(serving_model(model, "xla"), variables, spec)
   return lambda x: jax.lax.platform_dependent(x, cpu=on_cpu, default=elsewhere)
 
