@@ -105,6 +105,8 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
   ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
+  from structvit_jax import checksums
+  checksums.write_export(out_dir, tree)  # before model.json, which marks a whole export
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
   paths.write_text(os.path.join(out_dir, "model.json"), json.dumps(meta, indent=2))
@@ -126,6 +128,28 @@ def restore_arrays(path: str) -> dict[str, Any]:
   return tree
 
 
+def restore_export_arrays(export_dir: str) -> dict[str, Any]:
+  """An export's arrays, checked against its checksums.json (an export without one, written
+  before checksums were kept, is read with one warning: unverified). A damaged export is one
+  checkpoint.CheckpointError naming the array or the cause."""
+  from absl import logging
+  from structvit_jax import checkpoint as ckpt_lib
+  from structvit_jax import checksums
+  from structvit_jax import paths
+  try:
+    tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
+    verified = checksums.check_export(export_dir, tree)
+  except checksums.Mismatch as e:
+    raise ckpt_lib.CheckpointError(f"export {export_dir} is unusable: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise ckpt_lib.CheckpointError(f"export {export_dir} is unusable: its arrays do not "
+                                   f"restore ({ckpt_lib.short_cause(e)})") from None
+  if not verified:
+    logging.warning("Export %s has no %s (written before checksums were kept): unverified.",
+                    export_dir, checksums.EXPORT_FILE)
+  return tree
+
+
 def load(export_dir: str) -> "Predictor":
   """Opens an export written by `save_export` (from export.py or convert.py)."""
   from structvit_jax import paths
@@ -137,7 +161,7 @@ def load(export_dir: str) -> "Predictor":
   meta = json.loads(paths.read_text(meta_path))
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
+  tree = restore_export_arrays(export_dir)
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
     variables["batch_stats"] = tree["batch_stats"]
