@@ -130,6 +130,57 @@ def test_damaged_newest_checkpoint_falls_back(name, reference, tmp_path, caplog)
   assert ckpt_lib.list_steps(str(ck))[-1] == 20
 
 
+def test_silently_flipped_array_falls_back_end_to_end(reference, tmp_path):
+  """The one end-to-end run of the checksum matrix (tests/test_checksums.py checks every file
+  and damage restore-only): 64 bytes flipped in the middle of the newest step's largest
+  array file restore without an error from Orbax; the checksums catch it, the run resumes
+  from step 15 and ends with the reference's final evaluation, exit 0, no traceback."""
+  workdir = copy_run(reference, tmp_path / "w")
+  f = largest_array_file(workdir / "checkpoints" / "20")
+  b = bytearray(f.read_bytes())
+  mid = len(b) // 2 - 32
+  b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+  f.write_bytes(bytes(b))
+  cfg = write_config_file(tmp_path / "cfg.py", **FIELDS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  r = subprocess.run([sys.executable, "-m", "structvit_jax.main", f"--config={cfg}",
+                      f"--workdir={workdir}"], env=env, cwd=REPO, capture_output=True,
+                     text=True, timeout=600)
+  console = r.stdout + r.stderr
+  assert r.returncode == 0, console[-5000:]
+  assert "Traceback" not in console, console[-5000:]
+  unusable = [line for line in console.splitlines() if "is unusable" in line]
+  assert len(unusable) == 1 and "step 20 " in unusable[0], unusable
+  assert "does not match its checksum" in unusable[0], unusable
+  assert "restored step 15 " in console
+  (last,) = [e for e in metrics_lib.read_eval_records(str(workdir)) if e["step"] == 20]
+  for k in ("eval/loss", "eval/top1", "eval_ema/loss", "eval_ema/top1"):
+    np.testing.assert_allclose(last[k], reference[1][k], rtol=1e-6)
+  assert (workdir / "checkpoints" / "20.unusable-checksum").is_dir()
+
+
+def test_non_finite_evaluation_is_one_error_and_not_recorded(tmp_path, monkeypatch):
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  monkeypatch.setattr(train, "run_eval", lambda *a, **k: {"loss": float("nan"), "top1": 0.5, "top5": 1.0, "count": 8})
+
+  class Setup:
+    eval_fn = eval_inp = mesh = None
+    new_evaluator = staticmethod(lambda: None)
+
+  class State:
+    params = batch_stats = ema_params = None
+
+  try:
+    with pytest.raises(FloatingPointError, match=r"step 7: eval/loss=nan") as e:
+      train._eval_and_log(Setup(), State(), config(ema_decay=0.0), writer, 7)
+  finally:
+    writer.close()
+  assert "\n" not in str(e.value) and "not recorded" in str(e.value)
+  assert metrics_lib.read_eval_records(str(tmp_path)) == []
+  from structvit_jax import errors
+  assert errors.classify(e.value)[0] == 1
+
+
 def test_finished_run_without_final_eval_evaluates_on_restart(reference, tmp_path):
   workdir = copy_run(reference, tmp_path / "w")  # killed during its final evaluation
   _, ev = run(workdir)
