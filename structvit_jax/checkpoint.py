@@ -83,12 +83,38 @@ def tree_difference(expected: Any, found: Any, what: str = "the model",
 
 
 def state_metadata(state_dir: str) -> Any:
-  """The array metadata tree (shapes, dtypes) of an Orbax StandardSave at `state_dir`."""
-  ckptr = ocp.StandardCheckpointer()
+  """The array metadata tree (shapes, dtypes) of an Orbax StandardSave at `state_dir`.
+
+  Read with the handler, not a Checkpointer: a damaged index raises here (a Checkpointer
+  logs a warning and returns None), and there is no cross-process barrier to leave the
+  other processes waiting at when this one fails."""
+  handler = ocp.StandardCheckpointHandler()
   try:
-    return ckptr.metadata(state_dir).item_metadata
+    metadata = handler.metadata(paths.epath(state_dir))
   finally:
-    ckptr.close()
+    handler.close()
+  if metadata is None:
+    raise ValueError(f"no array metadata in {state_dir}")
+  return metadata
+
+
+def restore_items(step_dir: str, abstract_state: Any, data_iter: Any = None) -> Any:
+  """The state of a step (into `abstract_state`'s shardings), and the data iterator restored
+  in place. Through the handlers, not the CheckpointManager: its restore ends at a barrier
+  that a process whose read failed never reaches (the others would wait there while it
+  asks them whether to fall back); Checkpointer.restore agrees on the outcome instead."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    state = handler.restore(paths.epath(os.path.join(step_dir, "state")),
+                            args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    handler.close()
+  if data_iter is not None:
+    from grain._src.python.checkpoint import handler as grain_handler
+    grain_handler.CheckpointHandler().restore(
+        paths.epath(os.path.join(step_dir, "data_iter")),
+        args=grain.checkpoint.CheckpointRestore(data_iter))
+  return state
 
 
 def read_checksums(step_dir: str) -> dict | None:
@@ -387,8 +413,8 @@ class Checkpointer:
     if bad is None:
       try:
         metadata = state_metadata(os.path.join(step_dir, "state"))
-        if not hasattr(metadata, "get") or metadata.get("params") is None:
-          raise ValueError("no params in the array metadata")
+        if metadata is None:  # what Orbax returns when the array index does not read
+          raise ValueError("Orbax read no array metadata")
       except Exception as e:  # noqa: BLE001
         bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
     if bad is None:
@@ -420,11 +446,8 @@ class Checkpointer:
       bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
     out = None
     if bad is None:
-      items = dict(state=ocp.args.StandardRestore(abstract_state))
-      if data_iter is not None:
-        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
-        out = self.manager.restore(s, args=ocp.args.Composite(**items))
+        out = {"state": restore_items(step_dir, abstract_state, data_iter)}
       except Exception as e:  # noqa: BLE001  (damaged files: fall back)
         bad = "unreadable", f"it does not restore ({short_cause(e)})"
     if _on_any_process(bad is not None) and bad is None:
