@@ -334,9 +334,13 @@ def _barrier(name: str) -> None:
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
-  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False,
+               checksums: bool = True):
     self.directory = directory
     self.read_only = read_only
+    # False only to measure what checksums cost (benchmarks/checkpoint_checksums.py): saves
+    # write none, restores check none.
+    self.checksums = checksums
     global _single_process_handler
     if jax.process_count() == 1 and not _single_process_handler:
       _single_process_handler = True
@@ -381,8 +385,9 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     # Written in the same commit as the state (checksums.py): every process computes the
     # same array fingerprints; the data-iterator digests are gathered from all processes.
-    items[checksums_lib.ITEM] = ocp.args.JsonSave(checksums_lib.record(
-        checksums_lib.fingerprints(state), _data_iter_digests(data_iter)))
+    if self.checksums:
+      items[checksums_lib.ITEM] = ocp.args.JsonSave(checksums_lib.record(
+          checksums_lib.fingerprints(state), _data_iter_digests(data_iter)))
     self.wait()  # a failed previous save is reported as that save, before starting another
     self._saving = step
     try:
@@ -419,7 +424,7 @@ class Checkpointer:
         bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
     if bad is None:
       try:
-        record = read_checksums(step_dir)
+        record = read_checksums(step_dir) if self.checksums else None
         if record is not None and data_iter is not None:
           check_data_iter(step_dir, record)
       except checksums_lib.Mismatch as e:
@@ -459,7 +464,7 @@ class Checkpointer:
         bad = "checksum", str(e)
     if bad is not None:
       return None, bad, False
-    return out, None, record is None
+    return out, None, record is None and self.checksums
 
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iter: Any = None, fallback: bool = True,
