@@ -7,8 +7,8 @@ checksums (the default) and without, and the fingerprint alone. Prints a Markdow
 Save: `Checkpointer.save` (the trainer's blocking part: the fingerprints, and Orbax's copy
 of the arrays to host) and until the async write is committed (`wait`). Restore:
 `Checkpointer.restore` with the fallback's checks (verifying the arrays when on). The first
-repeat of each includes the fingerprint's compile, reported apart; the table has the median
-of the others.
+save and restore of each Checkpointer are left out (warm-up); the table has the median of
+the others.
 """
 
 from __future__ import annotations
@@ -61,9 +61,6 @@ def main(argv=None) -> None:
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   root = a.dir or tempfile.mkdtemp(prefix="ckpt_bench_")
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(checksums._fingerprints(jax.tree.leaves(state)))
-  first_fp = time.perf_counter() - t0
   fp = []
   for _ in range(a.repeats):
     t0 = time.perf_counter()
@@ -105,8 +102,7 @@ def main(argv=None) -> None:
                   ("restore (with the checks)", 2)):
     off, on = med(False, i), med(True, i)
     print(f"| {name} | {off:.2f} | {on:.2f} | {on - off:+.2f} ({(on / off - 1) * 100:+.0f}%) |")
-  print(f"| fingerprint of the whole state alone | | {statistics.median(fp):.2f} | |")
-  print(f"| its first call (jit compile) | | {first_fp:.2f} | once per process |")
+  print(f"| fingerprints of the whole state alone | | {statistics.median(fp):.2f} | |")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 What a step stores is checked as the trainer sees it, not as bytes on a disk:
 
-- every array by a 64-bit fingerprint of its values, computed on the devices from the state
-  that is saved, and again from the state a restore returns (`fingerprints`). The fingerprint
-  is of the global array, so it does not depend on the sharding, the number of processes or
-  the storage (local disk, gs://): every process computes the same numbers for a restored
-  state (it is one jitted reduction over the global arrays), so all of them agree on a
-  mismatch without a further exchange;
+- every array by a 64-bit fingerprint of its values, computed from the state that is saved
+  and again from the state a restore returns (`fingerprints`). The fingerprint is of the
+  global array: a sum over its words, so each process adds up the shards it holds (on the
+  host, in numpy: nothing to compile) and the processes add their sums together. It does
+  not depend on the sharding, the number of processes or the storage (local disk, gs://),
+  and every process ends with the same numbers, so all of them agree on a mismatch;
 - every process's data-iterator file by a digest of its exact bytes (`text_digest`),
   computed from the iterator state when saving and from the file when restoring.
 
@@ -19,14 +19,15 @@ fails the read (an exception); either makes the step unusable.
 Fingerprint of an array with words x_i (its bytes as uint32, i the global word index): two
 32-bit lanes, sum_i x_i * m_i with m_i odd (any one changed word changes the sum) and
 sum_i fmix32(x_i ^ k_i) (murmur3's finaliser: a nonlinear lane for several changed words),
-both mod 2^32. The order of a sum does not matter mod 2^32, so every sharding gives the same
-result. It finds accidents (bit rot, torn or mixed-up files), not an attacker.
+both mod 2^32. The order of a sum does not matter mod 2^32, so every split into shards gives
+the same result. It finds accidents (bit rot, torn or mixed-up files), not an attacker.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import jax
@@ -47,63 +48,97 @@ def leaf_name(path) -> str:
   return "/".join(name(k) for k in path)
 
 
-def _words(x: jax.Array) -> jax.Array:
+def _words(x: np.ndarray) -> np.ndarray:
   """The array's bytes as uint32 words (same shape; 8-byte types get a trailing axis of 2)."""
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return x.view(np.uint32)
+  if size == 8:
+    return x.view(np.uint32).reshape(*x.shape, 2)
+  small = {2: np.uint16, 1: np.uint8}[size]
+  return x.view(small).astype(np.uint32)
+
+
+def _partial(w: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+  """The two lanes' sums (uint64, not yet mod 2^32) over the words `w` of a block at `start`
+  of an array of words of global `shape`."""
+  idx = np.zeros((), np.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    pos = (np.arange(w.shape[axis], dtype=np.uint64) + start[axis]) * stride
+    view = [1] * len(shape)
+    view[axis] = w.shape[axis]
+    idx = idx + (pos % 2**32).astype(np.uint32).reshape(view)
+    stride *= shape[axis]
+  idx = np.broadcast_to(idx, w.shape)
+  with np.errstate(over="ignore"):
+    m = idx * np.uint32(0x9E3779B9)
+    m |= np.uint32(1)
+    m *= w
+    a = int(m.sum(dtype=np.uint64))
+    h = idx * np.uint32(0x85EBCA6B)
+    h += np.uint32(0x27D4EB2F)
+    h ^= w
+    h ^= h >> 16
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> 13
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> 16
+    b = int(h.sum(dtype=np.uint64))
+  return np.array([a % 2**32, b % 2**32], np.uint64)
+
+
+def _blocks(x: Any) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+  """(host copy, start) of each block of `x` this process adds in: the whole of a numpy
+  array; of a jax.Array, its addressable shards with replica_id 0 (each element of the
+  global array is in exactly one such shard on exactly one process)."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)
+    return [(x, (0,) * x.ndim)]
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = jnp.dtype(x.dtype).itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
-  small = {2: jnp.uint16, 1: jnp.uint8}[size]
-  return jax.lax.bitcast_convert_type(x, small).astype(jnp.uint32)
+  out = []
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    start = tuple(0 if s.start is None else s.start for s in shard.index) if shard.index \
+        else ()
+    out.append((shard.data, start))
+  return out
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def _fingerprint(x: jax.Array) -> jax.Array:
-  w = _words(x)
-  # The global index of every word from per-axis iotas (no reshape: keeps the sharding).
-  idx = jnp.zeros(w.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(w.ndim)):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(
-        stride & 0xFFFFFFFF)
-    stride *= w.shape[axis]
-  m = (idx * jnp.uint32(0x9E3779B9)) | jnp.uint32(1)
-  a = jnp.sum(w * m, dtype=jnp.uint32)
-  b = jnp.sum(_fmix32(w ^ (idx * jnp.uint32(0x85EBCA6B) + jnp.uint32(0x27D4EB2F))),
-              dtype=jnp.uint32)
-  return jnp.stack([a, b])
-
-
-@jax.jit
-def _fingerprints(leaves: list[jax.Array]) -> jax.Array:
-  if not leaves:
-    return jnp.zeros((0, 2), jnp.uint32)
-  return jnp.stack([_fingerprint(x) for x in leaves])
+def _fingerprint_local(x: Any) -> np.ndarray:
+  total = np.zeros(2, np.uint64)
+  shape = tuple(x.shape)
+  for data, start in _blocks(x):
+    w = _words(np.asarray(data))
+    wshape = shape + w.shape[len(shape):]
+    total += _partial(w, start + (0,) * (w.ndim - len(start)), wshape)
+  return total % 2**32
 
 
 def fingerprints(tree: Any) -> dict[str, str]:
-  """{'a/b/c': 16 hex digits} for every array leaf of `tree` (jax or numpy arrays; a
-  collective when the arrays span several processes)."""
+  """{'a/b/c': 16 hex digits} for every array leaf of `tree` (jax or numpy arrays). Each
+  process sums over the blocks it holds, on the host (no compile); with several processes
+  the sums are added up across them (a collective: every process must call it)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   names = [leaf_name(p) for p, _ in flat]
-  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-  out = _fingerprints(leaves)
-  if not out.is_fully_addressable:
-    out = out.addressable_shards[0].data  # replicated: every process has all of it
-  values = np.asarray(jax.device_get(out))
-  return {n: f"{int(a):08x}{int(b):08x}" for n, (a, b) in zip(names, values)}
+  leaves = [x for _, x in flat]
+  if not leaves:
+    return {}
+  from concurrent.futures import ThreadPoolExecutor
+  # numpy releases the GIL in its loops: a few threads share the arrays.
+  with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    sums = np.stack(list(pool.map(_fingerprint_local, leaves)))
+  if jax.process_count() > 1 and any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                                     for x in leaves):
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(sums.astype(np.uint32)))
+    sums = every.astype(np.uint64).sum(axis=0) % 2**32
+  return {n: f"{int(a):08x}{int(b):08x}" for n, (a, b) in zip(names, sums)}
 
 
 def text_digest(text: str | bytes) -> str:
