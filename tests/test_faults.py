@@ -83,9 +83,8 @@ def truncate(ck):
 
 
 def byte_flip(ck):
-  # Orbax keeps no checksum of raw chunk bytes: a flip inside array data restores silently
-  # (a wrong value). A flip in the B-tree node that indexes the file is detected: the first
-  # bytes of the file are its header.
+  # A flip in the header of the data file fails Orbax's read; one inside the array data
+  # restores and fails its checksum (test_silently_flipped_array_falls_back_end_to_end).
   f = largest_array_file(ck / "20")
   b = bytearray(f.read_bytes())
   b[8] ^= 0xFF
@@ -136,11 +135,7 @@ def test_silently_flipped_array_falls_back_end_to_end(reference, tmp_path):
   array file restore without an error from Orbax; the checksums catch it, the run resumes
   from step 15 and ends with the reference's final evaluation, exit 0, no traceback."""
   workdir = copy_run(reference, tmp_path / "w")
-  f = largest_array_file(workdir / "checkpoints" / "20")
-  b = bytearray(f.read_bytes())
-  mid = len(b) // 2 - 32
-  b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
-  f.write_bytes(bytes(b))
+  _flip_middle(largest_array_file(workdir / "checkpoints" / "20"))
   cfg = write_config_file(tmp_path / "cfg.py", **FIELDS)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   r = subprocess.run([sys.executable, "-m", "structvit_jax.main", f"--config={cfg}",
@@ -221,6 +216,37 @@ def test_export_names_an_unusable_step_and_the_step_to_use(reference, tmp_path):
   with pytest.raises(export_lib.ExportError, match=r"step 20 .* --step=15"):
     export_lib.export(str(workdir), str(tmp_path / "export"))
   assert "step 15" in export_lib.export(str(workdir), str(tmp_path / "export"), step=15)
+
+
+def _flip_middle(f: pathlib.Path) -> None:
+  b = bytearray(f.read_bytes())
+  mid = len(b) // 2 - 32
+  b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+  f.write_bytes(bytes(b))
+
+
+def test_export_and_init_from_check_the_checksums(reference, tmp_path):
+  from structvit_jax import inference, weights
+  workdir = copy_run(reference, tmp_path / "w")
+  _flip_middle(largest_array_file(workdir / "checkpoints" / "20"))
+  with pytest.raises(export_lib.ExportError,
+                     match=r"step 20 .* does not match its checksum.*--step=15"):
+    export_lib.export(str(workdir), str(tmp_path / "export"))
+  # init_from takes the newest usable step (15): its params, as an export of step 15 has.
+  out = tmp_path / "export"
+  export_lib.export(str(workdir), str(out), step=15, use_ema=False)
+  got, want = weights.load_source(str(workdir)), weights.load_source(str(out))
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k])
+  # An export carries checksums.json: verify checks it, a damaged export is one error.
+  lines, ok = ckpt_lib.verify(str(out))
+  assert ok and lines[0].startswith(f"export {out}: ok: "), lines
+  _flip_middle(max(out.glob("params/ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size))
+  lines, ok = ckpt_lib.verify(str(out))
+  assert not ok and "unusable" in lines[0], lines
+  with pytest.raises(ckpt_lib.CheckpointError, match="unusable"):
+    inference.load(str(out))
 
 
 def test_resume_with_another_batch_size_is_refused(reference, tmp_path):
