@@ -62,18 +62,11 @@ def _words(x: np.ndarray) -> np.ndarray:
   return x.view(small).astype(np.uint32)
 
 
-def _partial(w: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-  """The two lanes' sums (uint64, not yet mod 2^32) over the words `w` of a block at `start`
-  of an array of words of global `shape`."""
-  idx = np.zeros((), np.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    pos = (np.arange(w.shape[axis], dtype=np.uint64) + start[axis]) * stride
-    view = [1] * len(shape)
-    view[axis] = w.shape[axis]
-    idx = idx + (pos % 2**32).astype(np.uint32).reshape(view)
-    stride *= shape[axis]
-  idx = np.broadcast_to(idx, w.shape)
+_CHUNK_WORDS = 1 << 16  # words per numpy pass: the temporaries stay in the CPU's cache
+
+
+def _lanes(w: np.ndarray, idx: np.ndarray) -> tuple[int, int]:
+  """The two lanes' sums (not yet mod 2^32) over words `w` with global indices `idx`."""
   with np.errstate(over="ignore"):
     m = idx * np.uint32(0x9E3779B9)
     m |= np.uint32(1)
@@ -88,6 +81,32 @@ def _partial(w: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> n
     h *= np.uint32(0xC2B2AE35)
     h ^= h >> 16
     b = int(h.sum(dtype=np.uint64))
+  return a, b
+
+
+def _partial(w: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+  """The two lanes' sums mod 2^32 over the words `w` of a block at `start` of an array of
+  words of global `shape`, a few rows at a time."""
+  if w.ndim == 0:
+    w, start, shape = w.reshape(1), (0,), (1,)
+  strides = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+  # The index of each word within its row (axes 1..), the same for every row of the block.
+  rest = np.zeros((), np.uint32)
+  for axis in range(1, w.ndim):
+    pos = (np.arange(w.shape[axis], dtype=np.uint64) + start[axis]) * strides[axis]
+    view = [1] * (w.ndim - 1)
+    view[axis - 1] = w.shape[axis]
+    rest = rest + (pos % 2**32).astype(np.uint32).reshape(view)
+  rest = np.ascontiguousarray(np.broadcast_to(rest, w.shape[1:]))
+  rows = max(1, _CHUNK_WORDS // max(1, rest.size))
+  a = b = 0
+  for r0 in range(0, w.shape[0], rows):
+    block = w[r0:r0 + rows]
+    first = (np.arange(r0, r0 + block.shape[0], dtype=np.uint64) + start[0]) * strides[0]
+    with np.errstate(over="ignore"):
+      idx = (first % 2**32).astype(np.uint32).reshape((-1,) + (1,) * (w.ndim - 1)) + rest
+    da, db = _lanes(block, idx)
+    a, b = a + da, b + db
   return np.array([a % 2**32, b % 2**32], np.uint64)
 
 
