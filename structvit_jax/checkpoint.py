@@ -20,6 +20,7 @@ import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with or
 import jax
 import orbax.checkpoint as ocp
 
+from structvit_jax import checksums as checksums_lib
 from structvit_jax import errors
 from structvit_jax import paths
 
@@ -82,12 +83,184 @@ def tree_difference(expected: Any, found: Any, what: str = "the model",
 
 
 def state_metadata(state_dir: str) -> Any:
-  """The array metadata tree (shapes, dtypes) of an Orbax StandardSave at `state_dir`."""
-  ckptr = ocp.StandardCheckpointer()
+  """The array metadata tree (shapes, dtypes) of an Orbax StandardSave at `state_dir`.
+
+  Read with the handler, not a Checkpointer: a damaged index raises here (a Checkpointer
+  logs a warning and returns None), and there is no cross-process barrier to leave the
+  other processes waiting at when this one fails."""
+  handler = ocp.StandardCheckpointHandler()
   try:
-    return ckptr.metadata(state_dir).item_metadata
+    metadata = handler.metadata(paths.epath(state_dir))
   finally:
-    ckptr.close()
+    handler.close()
+  if metadata is None:
+    raise ValueError(f"no array metadata in {state_dir}")
+  return metadata
+
+
+def restore_items(step_dir: str, abstract_state: Any, data_iter: Any = None) -> Any:
+  """The state of a step (into `abstract_state`'s shardings), and the data iterator restored
+  in place. Through the handlers, not the CheckpointManager: its restore ends at a barrier
+  that a process whose read failed never reaches (the others would wait there while it
+  asks them whether to fall back); Checkpointer.restore agrees on the outcome instead."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    state = handler.restore(paths.epath(os.path.join(step_dir, "state")),
+                            args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    handler.close()
+  if data_iter is not None:
+    from grain._src.python.checkpoint import handler as grain_handler
+    grain_handler.CheckpointHandler().restore(
+        paths.epath(os.path.join(step_dir, "data_iter")),
+        args=grain.checkpoint.CheckpointRestore(data_iter))
+  return state
+
+
+def read_checksums(step_dir: str) -> dict | None:
+  """The step's checksums record (checksums.py), None for a step saved before they were kept
+  (no checksums/ item); raises checksums.Mismatch when the record is missing or damaged."""
+  item = os.path.join(step_dir, checksums_lib.ITEM)
+  if not paths.isdir(item):
+    return None
+  try:
+    text = paths.read_text(os.path.join(item, "metadata"))
+  except Exception as e:  # noqa: BLE001
+    raise checksums_lib.Mismatch(f"its checksums file does not read ({short_cause(e)})") from None
+  return checksums_lib.parse(text)
+
+
+def data_iter_name() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def check_data_iter(step_dir: str, record: dict, name: str | None = None) -> None:
+  """Raises checksums.Mismatch when this process's (or `name`'s) data-iterator file differs
+  from its checksum."""
+  name = name or data_iter_name()
+  expected = record.get("data_iter", {}).get(name)
+  if expected is None:
+    raise checksums_lib.Mismatch(f"data_iter/{name} has no checksum")
+  with paths.epath(os.path.join(step_dir, "data_iter", name)).open("rb") as f:
+    found = checksums_lib.text_digest(f.read())
+  if found != expected:
+    raise checksums_lib.Mismatch(f"file data_iter/{name} does not match its checksum")
+
+
+def _read_step(directory: str, step: int) -> tuple[Any, dict | None]:
+  """(every array of the step on one device, its checksums record or None when it has
+  none), the arrays checked against the record; CheckpointError(why) for an unusable step."""
+  from structvit_jax import inference
+  step_dir = os.path.join(paths.abspath(directory), str(step))
+  bad = unusable_reason(step_dir, with_data_iter=False)
+  if bad is not None:
+    raise CheckpointError(bad[1])
+  try:
+    record = read_checksums(step_dir)
+    tree = inference.restore_arrays(os.path.join(step_dir, "state"))
+    if record is not None:
+      checksums_lib.check_arrays(record["arrays"], tree)
+  except checksums_lib.Mismatch as e:
+    raise CheckpointError(str(e)) from None
+  except Exception as e:  # noqa: BLE001  (any damage: the step is unusable)
+    raise CheckpointError(f"it does not restore ({short_cause(e)})") from None
+  return tree, record
+
+
+def read_step_arrays(directory: str, step: int) -> Any:
+  """Every array of checkpoint `step` in `directory` on one device (export, init_from),
+  checked against the step's checksums; raises CheckpointError(why) for an unusable step.
+  Logs one line when the step has no checksums (unverified)."""
+  tree, record = _read_step(directory, step)
+  if record is None:
+    logging.warning("Checkpoint step %d in %s has no checksums (saved before they were "
+                    "kept): unverified.", step, directory)
+  return tree
+
+
+def verify_step(directory: str, step: int) -> tuple[str, str]:
+  """('ok' | 'unverified' | 'unusable', details) for checkpoint `step` in `directory`: its
+  arrays restored and checked against their checksums, and every process's data-iterator
+  file against its digest."""
+  step_dir = os.path.join(paths.abspath(directory), str(step))
+  try:
+    tree, record = _read_step(directory, step)
+    if record is not None:
+      for name in sorted(record.get("data_iter", {})):
+        check_data_iter(step_dir, record, name)
+  except checksums_lib.Mismatch as e:
+    return "unusable", str(e)
+  except CheckpointError as e:
+    return "unusable", str(e)
+  except Exception as e:  # noqa: BLE001
+    return "unusable", f"it does not read ({short_cause(e)})"
+  n = len(jax.tree.leaves(tree))
+  if record is None:
+    return "unverified", f"{n} arrays restore; no checksums (saved before they were kept)"
+  k = len(record.get("data_iter", {}))
+  return "ok", f"{n} arrays" + (f" and {k} data-iterator files" if k else "") + \
+      " match their checksums"
+
+
+def verify(path: str) -> tuple[list[str], bool]:
+  """(one line per checkpoint step, or one for an export; whether the newest is usable).
+  `path`: a training workdir, its checkpoints/ directory, or an export."""
+  from structvit_jax import checksums, inference
+  if paths.isfile(os.path.join(path, "model.json")):
+    try:
+      tree = inference.restore_arrays(os.path.join(paths.abspath(path), "params"))
+      verified = checksums.check_export(path, tree)
+    except checksums.Mismatch as e:
+      return [f"export {path}: unusable: {e}"], False
+    except Exception as e:  # noqa: BLE001
+      return [f"export {path}: unusable: its arrays do not restore ({short_cause(e)})"], False
+    n = len(jax.tree.leaves(tree))
+    return [f"export {path}: " + (f"ok: {n} arrays match their checksums" if verified else
+            f"unverified: {n} arrays restore; no {checksums.EXPORT_FILE} (written before "
+            "checksums were kept)")], True
+  directory = os.path.join(path, "checkpoints")
+  directory = directory if paths.isdir(directory) else path
+  steps = list_steps(directory)
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {directory} (nor an export: no model.json in "
+                          f"{path})")
+  lines, newest_ok = [], True
+  for step in reversed(steps):
+    status, details = verify_step(directory, step)
+    lines.append(f"step {step}: {status}: {details}")
+    if step == steps[-1]:
+      newest_ok = status != "unusable"
+  moved = sorted(n for n in paths.listdir(directory) if ".unusable-" in n)
+  if moved:
+    lines.append(f"moved aside earlier (not checked): {', '.join(moved)}")
+  return lines, newest_ok
+
+
+def _cli() -> None:
+  """python -m structvit_jax.checkpoint --verify --workdir=DIR (README, "Verifying
+  checkpoints"): exit status 1 when the newest step is unusable."""
+  import sys
+  from absl import app
+  from absl import flags
+  flags.DEFINE_bool("verify", False, "Check every checkpoint step (or an export) against "
+                    "its checksums.")
+  flags.DEFINE_string("workdir", None, "A training workdir, its checkpoints/ or an export.")
+  flags.mark_flags_as_required(["workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+    if not flags.FLAGS.verify:
+      raise app.UsageError("nothing to do: pass --verify")
+    logging.set_verbosity(logging.WARNING)
+    lines, newest_ok = verify(flags.FLAGS.workdir)
+    for line in lines:
+      print(line, flush=True)
+    if not newest_ok:
+      sys.exit(1)
+
+  errors.quiet_library_logs()
+  errors.run(main)
 
 
 def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | None:
@@ -136,6 +309,22 @@ def _on_any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def _data_iter_digests(data_iter: Any) -> dict[str, str]:
+  """{'process_<i>-of-<n>.json': digest of the text grain writes for that process's iterator}
+  (a collective with several processes)."""
+  if data_iter is None:
+    return {}
+  digest = checksums_lib.text_digest(checksums_lib.data_iter_text(data_iter))
+  n = jax.process_count()
+  if n == 1:
+    return {data_iter_name(): digest}
+  import numpy as np
+  from jax.experimental import multihost_utils
+  every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+  return {f"process_{i}-of-{n}.json": bytes(np.asarray(every[i], np.uint8)).hex()
+          for i in range(n)}
+
+
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -145,9 +334,13 @@ def _barrier(name: str) -> None:
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
-  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False,
+               checksums: bool = True):
     self.directory = directory
     self.read_only = read_only
+    # False only to measure what checksums cost (benchmarks/checkpoint_checksums.py): saves
+    # write none, restores check none.
+    self.checksums = checksums
     global _single_process_handler
     if jax.process_count() == 1 and not _single_process_handler:
       _single_process_handler = True
@@ -190,6 +383,11 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state))
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    # Written in the same commit as the state (checksums.py): every process computes the
+    # same array fingerprints; the data-iterator digests are gathered from all processes.
+    if self.checksums:
+      items[checksums_lib.ITEM] = ocp.args.JsonSave(checksums_lib.record(
+          checksums_lib.fingerprints(state), _data_iter_digests(data_iter)))
     self.wait()  # a failed previous save is reported as that save, before starting another
     self._saving = step
     try:
@@ -206,6 +404,67 @@ class Checkpointer:
       dst = f"{src}.unusable-{tag}-{i}"
     paths.rename(src, dst)  # on GCS: a copy of every object, then a delete
     return dst
+
+  def _try_restore(self, s: int, abstract_state: Any, data_iter: Any,
+                   check: Callable[[int, Any], None] | None
+                   ) -> tuple[Any, tuple[str, str] | None, bool]:
+    """(restored items, None, unverified) or (None, (tag, why), _) for step `s`. Any
+    exception while reading the step (its metadata, checksums, arrays, input position)
+    makes it unusable; only a CheckpointMismatchError (another model) is raised. Every
+    process calls it and gets the same verdict."""
+    step_dir = os.path.join(self.directory, str(s))
+    bad = unusable_reason(step_dir, data_iter is not None)
+    record = metadata = None
+    if bad is None:
+      try:
+        metadata = state_metadata(os.path.join(step_dir, "state"))
+        if metadata is None:  # what Orbax returns when the array index does not read
+          raise ValueError("Orbax read no array metadata")
+      except Exception as e:  # noqa: BLE001
+        bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+    if bad is None:
+      try:
+        record = read_checksums(step_dir) if self.checksums else None
+        if record is not None and data_iter is not None:
+          check_data_iter(step_dir, record)
+      except checksums_lib.Mismatch as e:
+        bad = "checksum", str(e)
+      except Exception as e:  # noqa: BLE001
+        bad = "unreadable", f"its checksums do not read ({short_cause(e)})"
+    # Every process restores the same step or skips it together (a restore is collective):
+    # a step that one process cannot use (its data_iter file, a read error) is unusable
+    # for all.
+    if _on_any_process(bad is not None) and bad is None:
+      bad = "unreadable", "another process cannot use it (see that process's log)"
+    if bad is not None:
+      return None, bad, False
+    try:
+      if check is not None:
+        check(s, metadata)
+      elif (diff := tree_difference(
+          {"params": abstract_state.params}, {"params": metadata["params"]})):
+        raise CheckpointMismatchError(
+            f"checkpoint step {s} in {self.directory} does not fit the model: {diff}")
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001  (a damaged metadata tree)
+      bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+    out = None
+    if bad is None:
+      try:
+        out = {"state": restore_items(step_dir, abstract_state, data_iter)}
+      except Exception as e:  # noqa: BLE001  (damaged files: fall back)
+        bad = "unreadable", f"it does not restore ({short_cause(e)})"
+    if _on_any_process(bad is not None) and bad is None:
+      bad = "unreadable", "another process could not restore it (see that process's log)"
+    if bad is None and record is not None:
+      try:  # the same fingerprints on every process (one collective over the global arrays)
+        checksums_lib.check_arrays(record["arrays"], out["state"])
+      except checksums_lib.Mismatch as e:
+        bad = "checksum", str(e)
+    if bad is not None:
+      return None, bad, False
+    return out, None, record is None and self.checksums
 
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iter: Any = None, fallback: bool = True,
@@ -227,35 +486,11 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     skipped = []
     for s in reversed(steps):
-      step_dir = os.path.join(self.directory, str(s))
-      bad = unusable_reason(step_dir, data_iter is not None)
+      out, bad, unverified = self._try_restore(s, abstract_state, data_iter, check)
       if bad is None:
-        try:
-          metadata = state_metadata(os.path.join(step_dir, "state"))
-        except Exception as e:  # noqa: BLE001
-          bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
-      # Every process restores the same step or skips it together (a restore is collective):
-      # a step that one process cannot use (its data_iter file, a read error) is unusable
-      # for all.
-      if _on_any_process(bad is not None) and bad is None:
-        bad = "unreadable", "another process cannot use it (see that process's log)"
-      if bad is None:
-        if check is not None:
-          check(s, metadata)
-        elif (diff := tree_difference(
-            {"params": abstract_state.params}, {"params": metadata["params"]})):
-          raise CheckpointMismatchError(
-              f"checkpoint step {s} in {self.directory} does not fit the model: {diff}")
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
-        if data_iter is not None:
-          items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        try:
-          out = self.manager.restore(s, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001  (damaged files: fall back below)
-          bad = "unreadable", f"it does not restore ({short_cause(e)})"
-        if _on_any_process(bad is not None) and bad is None:
-          bad = "unreadable", "another process could not restore it (see that process's log)"
-      if bad is None:
+        if unverified:
+          logging.warning("Checkpoint step %d in %s has no checksums (saved before they were "
+                          "kept): restored unverified.", s, self.directory)
         logging.info("Checkpoint: restored step %d from %s", s, self.directory)
         return out["state"], s
       tag, why = bad
@@ -333,3 +568,8 @@ class SigtermFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+if __name__ == "__main__":
+  from structvit_jax import checkpoint as _module  # the module others import, not __main__
+  _module._cli()

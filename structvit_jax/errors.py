@@ -115,6 +115,11 @@ def report(e: BaseException, argv: Sequence[str], workdir: str | None = None) ->
   return 1
 
 
+def _absl_handler() -> Any:
+  from absl import logging as absl_logging
+  return absl_logging.get_absl_handler()
+
+
 def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], None] | None
         = None, workdir_flag: str | None = "workdir", argv: list[str] | None = None) -> None:
   """absl's app.run(main) with the handling of the module docstring.
@@ -146,48 +151,117 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
       sys.exit(known[0])
 
   def wrapped(args: list[str]) -> Any:
+    workdir = None
+    if workdir_flag and workdir_flag in FLAGS:
+      workdir = FLAGS[workdir_flag].value
+    if workdir and any(isinstance(f, _LibraryNoise)
+                       for f in _absl_handler().filters):
+      library_log.set_path(os.path.join(workdir, LIBRARY_LOG))
     try:
       return main(args)
     except (SystemExit, KeyboardInterrupt):
       raise
     except Exception as e:  # noqa: BLE001
-      workdir = None
-      if workdir_flag and workdir_flag in FLAGS:
-        workdir = FLAGS[workdir_flag].value
       sys.exit(report(e, args, workdir))
+    finally:
+      library_log.flush()
 
   app.run(wrapped, argv=argv, flags_parser=parse)
 
 
-# Library log lines that say nothing to a user: Orbax logs every save and restore step at
-# INFO (about 25 lines a checkpoint), warns that a sub-item has no _CHECKPOINT_METADATA when
-# a state directory is read on its own (export, predict: the step directory has it), and
-# that our jax.Array handler replaces its default (checkpoint.py does so on purpose). A
-# failed save (a full disk) makes each of its background threads log the same cause with a
-# traceback; checkpoint.py turns it into one error line, so Orbax's errors keep their one
-# line and lose the traceback (shown with --verbose).
+# Library log lines and tracebacks go to WORKDIR/library.log, not to the console (README,
+# "Faults on resume"). Orbax logs every save and restore step at INFO (about 25 lines a
+# checkpoint: dropped), and when a damaged step is read (which checkpoint.py then skips with
+# one warning of its own) its warnings, errors and tracebacks; so do asyncio ("Task exception
+# was never retrieved", e.g. the background writes of a save to a full disk, which
+# checkpoint.py reports as one error line) and TensorStore's callbacks into a closed event
+# loop (unraisable exceptions). With --verbose they are also shown on the console.
+LIBRARY_LOG = "library.log"
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "asyncio", "tensorstore",
+                                                           "etils"))
+# Warnings that are not worth even the log file: a sub-item without _CHECKPOINT_METADATA
+# read on its own (export, predict), our jax.Array handler replacing Orbax's (on purpose).
 _QUIET_WARNINGS = ("Metadata file does not exist", "Type handler registry type")
 
 
-class _LibraryNoise:
-  """logging.Filter for the absl handler: drops or shortens the lines above."""
+class _LibraryLog:
+  """Where library records go: a file (appended locally; on gs:// kept in memory and
+  written by flush()), or nowhere until a workdir is known."""
 
-  def __init__(self, tracebacks: bool = False):
-    self.tracebacks = tracebacks
+  def __init__(self):
+    self.path: str | None = None
+    self._pending: list[str] = []
+
+  def set_path(self, path: str | None) -> None:
+    self.path = path
+    self.flush()
+
+  def write(self, text: str) -> None:
+    self._pending.append(text if text.endswith("\n") else text + "\n")
+    if self.path and "://" not in self.path:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.path or not self._pending:
+      return
+    from structvit_jax import paths
+    text, self._pending = "".join(self._pending), []
+    try:
+      if paths.isdir(os.path.dirname(self.path)):
+        paths.append_text(self.path, text)
+    except Exception:  # noqa: BLE001  (a full disk: the log is not worth an error)
+      pass
+
+
+library_log = _LibraryLog()
+
+
+def _format_record(record: Any) -> str:
+  stamp = datetime.datetime.fromtimestamp(record.created).isoformat(timespec="seconds")
+  text = f"{stamp} {record.levelname} {record.pathname}:{record.lineno}: {record.getMessage()}"
+  if record.exc_info:
+    text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+  return text
+
+
+class _LibraryNoise:
+  """logging.Filter for the absl handler: library records (orbax, asyncio, tensorstore,
+  etils) at WARNING or above go to `library_log`; below WARNING they are dropped. On the
+  console they appear only with `console=True` (--verbose), with their tracebacks."""
+
+  def __init__(self, console: bool = False):
+    self.console = console
 
   def filter(self, record: Any) -> bool:
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if not any(lib in record.pathname for lib in _LIBRARIES):
       return True
     if record.levelno < 30:  # below WARNING
       return False
-    if not self.tracebacks:
-      record.exc_info, record.exc_text = None, None
-    return not str(record.msg).startswith(_QUIET_WARNINGS)
+    if str(record.msg).startswith(_QUIET_WARNINGS):
+      return False
+    try:
+      library_log.write(_format_record(record))
+    except Exception:  # noqa: BLE001
+      pass
+    return self.console
 
 
-def quiet_library_logs() -> None:
-  """Installs the filter of _LibraryNoise on absl's log handler (command lines call it)."""
+def _unraisable_to_log(unraisable: Any) -> None:
+  """sys.unraisablehook: TensorStore's callbacks into Orbax's closed event loops after a
+  failed read raise where nobody can catch them; they go to the library log."""
+  exc = unraisable.exc_value
+  text = "".join(traceback.format_exception(type(exc), exc, unraisable.exc_traceback))
+  library_log.write(f"unraisable exception in {unraisable.object!r}:\n{text.rstrip()}")
+
+
+def quiet_library_logs(workdir: str | None = None) -> None:
+  """Routes library records and unraisable exceptions to WORKDIR/library.log (command lines
+  call it; errors.run sets the workdir once the flags are parsed)."""
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
-    handler.addFilter(_LibraryNoise(tracebacks=_verbose(sys.argv)))
+    handler.addFilter(_LibraryNoise(console=_verbose(sys.argv)))
+  if not _verbose(sys.argv):
+    sys.unraisablehook = _unraisable_to_log
+  if workdir:
+    library_log.set_path(os.path.join(workdir, LIBRARY_LOG))

@@ -66,6 +66,8 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {bad[1]}{hint}")
   try:
     metadata = ckpt_lib.state_metadata(os.path.join(step_dir, "state"))
+    if metadata is None:
+      raise ValueError("Orbax read no array metadata")
     num_classes = int(metadata["params"]["head"]["kernel"].shape[-1])
   except KeyError:
     raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint "
@@ -82,10 +84,9 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} does not fit the recorded model "
                       f"{config.model.name} ({os.path.join(workdir, 'config.json')}): {diff}")
   try:
-    return inference.restore_arrays(os.path.join(step_dir, "state"))
-  except Exception as e:  # noqa: BLE001
-    raise ExportError(f"checkpoint step {step} in {workdir} is unusable: it does not restore "
-                      f"({ckpt_lib.short_cause(e)}){hint}") from None
+    return ckpt_lib.read_step_arrays(os.path.join(paths.abspath(workdir), "checkpoints"), step)
+  except ckpt_lib.CheckpointError as e:
+    raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {e}{hint}") from None
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -116,6 +116,8 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
   ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
+  from structvit_jax import checksums
+  checksums.write_export(out_dir, tree)  # before model.json, which marks a whole export
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
   meta_path = os.path.join(out_dir, "model.json")
@@ -148,15 +150,41 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
 
 
 def restore_arrays(path: str) -> dict[str, Any]:
-  """An Orbax StandardCheckpointer save, every array on one device."""
+  """An Orbax StandardCheckpointer save, every array on one device. A damaged save raises
+  (checkpoint.state_metadata, checkpoint.restore_items: Orbax's handlers, no barriers)."""
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
+  from structvit_jax import checkpoint as ckpt_lib
+  from structvit_jax import paths
   # Every array onto one device, whatever topology saved it.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        ckptr.metadata(path).item_metadata)
-  tree = ckptr.restore(path, target)
-  ckptr.close()
+                        ckpt_lib.state_metadata(path))
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.restore(paths.epath(path), args=ocp.args.StandardRestore(target))
+  finally:
+    handler.close()
+
+
+def restore_export_arrays(export_dir: str) -> dict[str, Any]:
+  """An export's arrays, checked against its checksums.json (an export without one, written
+  before checksums were kept, is read with one warning: unverified). A damaged export is one
+  checkpoint.CheckpointError naming the array or the cause."""
+  from absl import logging
+  from structvit_jax import checkpoint as ckpt_lib
+  from structvit_jax import checksums
+  from structvit_jax import paths
+  try:
+    tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
+    verified = checksums.check_export(export_dir, tree)
+  except checksums.Mismatch as e:
+    raise ckpt_lib.CheckpointError(f"export {export_dir} is unusable: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise ckpt_lib.CheckpointError(f"export {export_dir} is unusable: its arrays do not "
+                                   f"restore ({ckpt_lib.short_cause(e)})") from None
+  if not verified:
+    logging.warning("Export %s has no %s (written before checksums were kept): unverified.",
+                    export_dir, checksums.EXPORT_FILE)
   return tree
 
 
@@ -182,7 +210,7 @@ def load(export_dir: str, backend: str = "flax") -> "Predictor":
     return ExportedPredictor(serving.load(export_dir), _check_input_spec(meta["input"]),
                              meta.get("class_names"), meta)
   from structvit_jax.models import get_model
-  tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
+  tree = restore_export_arrays(export_dir)
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):  # absent or {} for models without BatchNorm
     variables["batch_stats"] = tree["batch_stats"]

@@ -440,6 +440,13 @@ def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
                  setup.new_evaluator())
     results.update({f"{prefix}/{k}": v for k, v in m.items()})
     metrics_lib.log_console(evaluators.console_line(prefix, step, m))
+  bad = [f"{k}={v}" for k, v in results.items()
+         if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v))]
+  if bad:  # not recorded: eval_results.jsonl and TensorBoard keep finite results only
+    raise FloatingPointError(
+        f"Non-finite evaluation at step {step}: {', '.join(bad)} (not recorded in "
+        f"{os.path.join(writer.workdir, 'eval_results.jsonl')}); the checkpoint of step "
+        f"{step} is kept. Stopping.")
   writer.scalars(step, {k: v for k, v in results.items()
                         if not k.endswith(("count", "views"))})
   writer.eval_record(step, results)

@@ -222,7 +222,7 @@ def load_source(path: str) -> dict[Path, np.ndarray]:
   (<dir>/<step>/state, the newest step; its params, not EMA)."""
   from structvit_jax import checkpoint, inference, paths
   if paths.isfile(os.path.join(path, "model.json")):
-    tree = inference.restore_arrays(os.path.join(paths.abspath(path), "params"))
+    tree = inference.restore_export_arrays(path)
   else:  # a training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it
     ckdir = os.path.join(path, "checkpoints")
     ckdir = ckdir if paths.isdir(ckdir) else path
@@ -230,7 +230,20 @@ def load_source(path: str) -> dict[Path, np.ndarray]:
     if not steps:
       raise FileNotFoundError(f"init_from: {path} is neither a file, an export (model.json) "
                               f"nor a checkpoint directory with steps")
-    tree = inference.restore_arrays(os.path.join(paths.abspath(ckdir), str(steps[-1]), "state"))
+    tree = None
+    for i, step in enumerate(reversed(steps)):  # the newest step that is usable
+      try:
+        tree = checkpoint.read_step_arrays(ckdir, step)
+        break
+      except checkpoint.CheckpointError as e:
+        older = steps[-2 - i] if i + 1 < len(steps) else None
+        if older is None:
+          raise checkpoint.CheckpointError(
+              f"init_from: no checkpoint in {ckdir} is usable (the oldest, step {step}: "
+              f"{e})") from None
+        from absl import logging
+        logging.warning("init_from: checkpoint step %d in %s is unusable: %s; trying step %d.",
+                        step, ckdir, e, older)
   get = tree.get if isinstance(tree, Mapping) else (lambda k: getattr(tree, k))
   return flat_paths({"params": get("params"), "batch_stats": get("batch_stats") or {}})
 

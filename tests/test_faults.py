@@ -83,9 +83,8 @@ def truncate(ck):
 
 
 def byte_flip(ck):
-  # Orbax keeps no checksum of raw chunk bytes: a flip inside array data restores silently
-  # (a wrong value). A flip in the B-tree node that indexes the file is detected: the first
-  # bytes of the file are its header.
+  # A flip in the header of the data file fails Orbax's read; one inside the array data
+  # restores and fails its checksum (test_silently_flipped_array_falls_back_end_to_end).
   f = largest_array_file(ck / "20")
   b = bytearray(f.read_bytes())
   b[8] ^= 0xFF
@@ -130,6 +129,53 @@ def test_damaged_newest_checkpoint_falls_back(name, reference, tmp_path, caplog)
   assert ckpt_lib.list_steps(str(ck))[-1] == 20
 
 
+def test_silently_flipped_array_falls_back_end_to_end(reference, tmp_path):
+  """The one end-to-end run of the checksum matrix (tests/test_checksums.py checks every file
+  and damage restore-only): 64 bytes flipped in the middle of the newest step's largest
+  array file restore without an error from Orbax; the checksums catch it, the run resumes
+  from step 15 and ends with the reference's final evaluation, exit 0, no traceback."""
+  workdir = copy_run(reference, tmp_path / "w")
+  _flip_middle(largest_array_file(workdir / "checkpoints" / "20"))
+  cfg = write_config_file(tmp_path / "cfg.py", **FIELDS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  r = subprocess.run([sys.executable, "-m", "structvit_jax.main", f"--config={cfg}",
+                      f"--workdir={workdir}"], env=env, cwd=REPO, capture_output=True,
+                     text=True, timeout=600)
+  console = r.stdout + r.stderr
+  assert r.returncode == 0, console[-5000:]
+  assert "Traceback" not in console, console[-5000:]
+  unusable = [line for line in console.splitlines() if "is unusable" in line]
+  assert len(unusable) == 1 and "step 20 " in unusable[0], unusable
+  assert "does not match its checksum" in unusable[0], unusable
+  assert "restored step 15 " in console
+  (last,) = [e for e in metrics_lib.read_eval_records(str(workdir)) if e["step"] == 20]
+  for k in ("eval/loss", "eval/top1", "eval_ema/loss", "eval_ema/top1"):
+    np.testing.assert_allclose(last[k], reference[1][k], rtol=1e-6)
+  assert (workdir / "checkpoints" / "20.unusable-checksum").is_dir()
+
+
+def test_non_finite_evaluation_is_one_error_and_not_recorded(tmp_path, monkeypatch):
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  monkeypatch.setattr(train, "run_eval", lambda *a, **k: {"loss": float("nan"), "top1": 0.5, "top5": 1.0, "count": 8})
+
+  class Setup:
+    eval_fn = eval_inp = mesh = None
+    new_evaluator = staticmethod(lambda: None)
+
+  class State:
+    params = batch_stats = ema_params = None
+
+  try:
+    with pytest.raises(FloatingPointError, match=r"step 7: eval/loss=nan") as e:
+      train._eval_and_log(Setup(), State(), config(ema_decay=0.0), writer, 7)
+  finally:
+    writer.close()
+  assert "\n" not in str(e.value) and "not recorded" in str(e.value)
+  assert metrics_lib.read_eval_records(str(tmp_path)) == []
+  from structvit_jax import errors
+  assert errors.classify(e.value)[0] == 1
+
+
 def test_finished_run_without_final_eval_evaluates_on_restart(reference, tmp_path):
   workdir = copy_run(reference, tmp_path / "w")  # killed during its final evaluation
   _, ev = run(workdir)
@@ -170,6 +216,37 @@ def test_export_names_an_unusable_step_and_the_step_to_use(reference, tmp_path):
   with pytest.raises(export_lib.ExportError, match=r"step 20 .* --step=15"):
     export_lib.export(str(workdir), str(tmp_path / "export"))
   assert "step 15" in export_lib.export(str(workdir), str(tmp_path / "export"), step=15)
+
+
+def _flip_middle(f: pathlib.Path) -> None:
+  b = bytearray(f.read_bytes())
+  mid = len(b) // 2 - 32
+  b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+  f.write_bytes(bytes(b))
+
+
+def test_export_and_init_from_check_the_checksums(reference, tmp_path):
+  from structvit_jax import inference, weights
+  workdir = copy_run(reference, tmp_path / "w")
+  _flip_middle(largest_array_file(workdir / "checkpoints" / "20"))
+  with pytest.raises(export_lib.ExportError,
+                     match=r"step 20 .* does not match its checksum.*--step=15"):
+    export_lib.export(str(workdir), str(tmp_path / "export"))
+  # init_from takes the newest usable step (15): its params, as an export of step 15 has.
+  out = tmp_path / "export"
+  export_lib.export(str(workdir), str(out), step=15, use_ema=False)
+  got, want = weights.load_source(str(workdir)), weights.load_source(str(out))
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k])
+  # An export carries checksums.json: verify checks it, a damaged export is one error.
+  lines, ok = ckpt_lib.verify(str(out))
+  assert ok and lines[0].startswith(f"export {out}: ok: "), lines
+  _flip_middle(max(out.glob("params/ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size))
+  lines, ok = ckpt_lib.verify(str(out))
+  assert not ok and "unusable" in lines[0], lines
+  with pytest.raises(ckpt_lib.CheckpointError, match="unusable"):
+    inference.load(str(out))
 
 
 def test_resume_with_another_batch_size_is_refused(reference, tmp_path):

@@ -169,6 +169,31 @@ def test_damaged_newest_step_is_moved_aside_on_gcs(run):
   assert paths.isfile(f"{ckdir}/20.unusable-no-manifest/state/_METADATA")
 
 
+def test_flipped_array_bytes_on_gcs_fail_their_checksum(run):
+  """Checksums on gs://: 64 bytes flipped in the middle of the newest step's largest array
+  object; `verify` names the step unusable, a restore falls back to the step before."""
+  ckdir = f"{WORKDIR}/checkpoints"
+  newest, older = ckpt_lib.list_steps(ckdir)[-2:][::-1]
+  objects = [p for p in paths.epath(f"{ckdir}/{newest}/state/ocdbt.process_0/d").iterdir()]
+  target = max(objects, key=lambda p: len(p.read_bytes()))
+  b = bytearray(target.read_bytes())
+  mid = len(b) // 2 - 32
+  b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+  target.write_bytes(bytes(b))
+  lines, newest_ok = ckpt_lib.verify(WORKDIR)
+  assert not newest_ok and lines[0].startswith(f"step {newest}: unusable"), lines
+  assert lines[1] == f"step {older}: ok: " + lines[1].split(": ok: ")[1], lines
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckpt_lib.state_metadata(f"{ckdir}/{older}/state"))
+  ckpt = ckpt_lib.Checkpointer(ckdir)
+  try:
+    _, step = ckpt.restore(abstract, check=lambda s, m: None)
+  finally:
+    ckpt.close()
+  assert step == older
+
+
 def test_workdir_and_data_dir_urls_are_checked(gcs):
   main_lib.check_workdir("gs://bkt/fresh")  # writable: nothing raised, nothing left
   assert not paths.isdir("gs://bkt/fresh")

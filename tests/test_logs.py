@@ -43,30 +43,45 @@ def _record(path, level, msg):
   return logging.LogRecord("absl", level, path, 1, msg, ("x",), None)
 
 
-def test_library_noise_is_filtered():
-  f = errors._LibraryNoise()
-  orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
-  ours = os.path.join(REPO, "structvit_jax", "checkpoint.py")
-  assert not f.filter(_record(orbax, logging.INFO, "Finished saving %s"))
-  assert not f.filter(_record(orbax, logging.WARNING, "Metadata file does not exist: %s"))
-  assert f.filter(_record(orbax, logging.WARNING, "Disk almost full: %s"))
-  assert f.filter(_record(orbax, logging.ERROR, "Save failed: %s"))
-  assert f.filter(_record(ours, logging.INFO, "Checkpoint: saving step %s"))
+def test_library_records_go_to_the_library_log_not_the_console(tmp_path):
+  log = tmp_path / errors.LIBRARY_LOG
+  errors.library_log.set_path(str(log))
+  try:
+    f = errors._LibraryNoise()
+    orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
+    ours = os.path.join(REPO, "structvit_jax", "checkpoint.py")
+    assert not f.filter(_record(orbax, logging.INFO, "Finished saving %s"))
+    assert not f.filter(_record(orbax, logging.WARNING, "Metadata file does not exist: %s"))
+    assert not f.filter(_record(orbax, logging.WARNING, "Disk almost full: %s"))
+    assert not f.filter(_record(orbax, logging.ERROR, "Save failed: %s"))
+    assert f.filter(_record(ours, logging.INFO, "Checkpoint: saving step %s"))
+    assert errors._LibraryNoise(console=True).filter(
+        _record(orbax, logging.ERROR, "Read failed: %s"))
+    text = log.read_text()
+    assert "Disk almost full: x" in text and "Save failed: x" in text
+    assert "Finished saving" not in text and "Metadata file does not exist" not in text
+  finally:
+    errors.library_log.set_path(None)
 
 
-def test_library_errors_keep_one_line_and_lose_the_traceback_unless_verbose():
+def test_library_tracebacks_go_to_the_log_and_to_the_console_only_if_verbose(tmp_path):
   """A failed async save (full disk): each Orbax thread logs the cause with a traceback;
-  checkpoint.py reports it as one error line, so Orbax's keep only their message."""
+  checkpoint.py reports it as one error line, the tracebacks go to WORKDIR/library.log."""
+  log = tmp_path / errors.LIBRARY_LOG
+  errors.library_log.set_path(str(log))
   orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
   try:
     raise OSError(28, "No space left on device")
   except OSError:
     import sys
     exc = sys.exc_info()
-  for tracebacks in (False, True):
-    r = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save failed: %s", ("x",), exc)
-    assert errors._LibraryNoise(tracebacks=tracebacks).filter(r)
-    assert (r.exc_info is not None) == tracebacks
+  try:
+    for console in (False, True):
+      r = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save failed: %s", ("x",), exc)
+      assert errors._LibraryNoise(console=console).filter(r) == console
+    assert log.read_text().count("Traceback") == 2
+  finally:
+    errors.library_log.set_path(None)
 
 
 def _png(path):
