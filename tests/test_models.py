@@ -71,7 +71,7 @@ def test_macs_counter_counts_matmul_and_conv_exactly():
 def tiny():
   """structvit_tiny with exact centre-tap init and uniformer_tiny sharing its weights."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  ssa = get_model("structvit_tiny", structsa=dict(init_noise=0.0))
+  ssa = get_model("structvit_tiny", structsa=dict(init="centre", init_noise=0.0))
   uni = get_model("uniformer_tiny")
   v = jax.jit(lambda x: ssa.init(jax.random.PRNGKey(1), x))(x)
   return ssa, uni, v, x

@@ -135,7 +135,8 @@ def test_both_implementations_match_the_equations(grid, d, stride, agg, extra):
 def test_centre_tap_init_equals_sa(grid, extra, impl):
   x, e = _inputs(grid, extra)
   sa = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=0, form=impl))
-  ssa = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=4, init_noise=0.0, form=impl))
+  ssa = StructSA(num_heads=HEADS, structsa=StructSAConfig(d=4, init="centre", init_noise=0.0,
+                                                          form=impl))
   p_sa = _init(sa, x, e)
   p_ssa = ssa.init(jax.random.PRNGKey(9), x, e)
   u = p_ssa["params"]

@@ -74,10 +74,10 @@ def test_variants_and_summary():
   assert c.model.name == "deit_tiny" and c.model.kwargs.temporal_patch_size == 1
   assert c.model.kwargs.structsa.init == "centre"
   uniformer = t.parse_args(["--backbone=structvit_tiny"])
-  assert uniformer.datasets == "synthetic_motion,synthetic_video" and uniformer.inits == ""
+  assert uniformer.datasets == "synthetic_motion,synthetic_video" and uniformer.inits == "centre"
   assert (uniformer.coherence, uniformer.steps, uniformer.lr) == (t.COHERENCE, 300, 3e-3)
-  c = t.make_config("synthetic_motion", "StructSA D=4", 0, uniformer)
-  assert c.model.name == "structvit_tiny" and "init" not in c.model.kwargs.structsa
+  c = t.make_config("synthetic_motion", "StructSA D=4", 0, uniformer, init="centre")
+  assert c.model.name == "structvit_tiny" and c.model.kwargs.structsa.init == "centre"
   run = dict(dataset="x", variant="SA", d=0, stride=1, aggregation="context", params=10,
              gflops=0.5)
   rows = t.summarize([dict(run, seed=s, top1=a, wall_s=w)

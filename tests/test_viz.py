@@ -101,7 +101,7 @@ def test_identity_structsa_maps_equal_sa():
   """Centre-tap U^K/U^V (no noise) and the same q/k/v weights: StructSA's final map is
   SA's, and each of its D pattern maps is SA's attention / D."""
   x = jnp.asarray(image(), jnp.float32)[None] / 255.0
-  s = get_model("structvit_tiny", structure_init_noise=0.0)
+  s = get_model("structvit_tiny", structure_init="centre", structure_init_noise=0.0)
   vs = jax.jit(s.init)(jax.random.key(0), x)
   sa = get_model("uniformer_tiny")
   va = jax.tree.map(lambda a: a, vs)

@@ -75,7 +75,8 @@ def _lookup(name: str):
 # The StructSA model fields before StructSAConfig -> its field names. Old config.json and
 # model.json files, and `--set d=8` on the command line, give them flat; get_model folds
 # them into `structsa`.
-_FLAT_STRUCTSA = {"implementation": "form", "structure_init_noise": "init_noise", **{k: k for k in (
+_FLAT_STRUCTSA = {"implementation": "form", "structure_init_noise": "init_noise",
+                  "structure_init": "init", **{k: k for k in (
     "d", "kernel_size", "stride", "aggregation", "attention_impl", "depthwise_impl")}}
 
 

@@ -37,14 +37,16 @@ class StructSAConfig:
   presets, the recipes (`c.model.kwargs.structsa`) and model.json carry (docs/structsa.md).
 
   Defaults are what the models use: D = 0 (UniFormer, DeiT; the StructViT presets set D and
-  S) and init noise 0.02. Invalid settings raise ValueError here, at construction.
+  S) and PyTorch's conv init for U^K / U^V ('centre' with init_noise 0 makes StructSA equal
+  SA at init). Invalid settings raise ValueError here, at construction.
   """
   d: int = 0                       # D, structure dimension; 0 = vanilla SA, 1 + context = ConvSA
   kernel_size: int | tuple[int, ...] = 3  # M, window per grid axis (3 -> 3x3 / 3x3x3)
   stride: int = 1                  # S, over H and W of the key/value grid; needs D > 0
   aggregation: str = "context"     # AGGREGATIONS: 'context' (eq. 5) or 'element' (eq. 4)
-  init_noise: float = 0.02         # std of N(0, s^2) on the centre-tap U^K, U^V; 0: == SA at init
-  init: str = "centre"             # INITS: U^K / U^V from scratch; weights loaded replace it
+  init: str = "torch"              # INITS: U^K / U^V from scratch (weights loaded replace them;
+                                   # why 'torch': docs/structsa.md, "Initialisation")
+  init_noise: float = 0.02         # 'centre': std of N(0, s^2) on the centre tap; 0: == SA at init
   form: str = "fused"              # FORMS: 'fused' or 'reference' (docs/structsa.md)
   attention_impl: str = "auto"     # ATTENTION_IMPLS (attention.py), the fused form's kernel
   depthwise_impl: str = "auto"     # DEPTHWISE_IMPLS (layers.py): the key/value convs, and every
