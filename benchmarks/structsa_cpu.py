@@ -66,29 +66,35 @@ def build(preset: str, overrides: dict, shape, classes: int, attention_impl: str
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(*shape), jnp.float32)
   y = jnp.asarray(np.arange(shape[0]) % classes)
-  params = jax.jit(lambda k: model.init(k, x[:1]))(jax.random.PRNGKey(0))
+  from structvit_jax import train as train_lib
+  init = jax.jit(lambda k: model.init(k, x[:1]))
+  variables = init.lower(jax.random.PRNGKey(0)).compile(
+      train_lib.init_compiler_options())(jax.random.PRNGKey(0))
+  params = variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}  # UniFormer: batch_stats
   tx = optax.adamw(1e-3, weight_decay=0.05)
 
-  def loss(p, x, y):
-    logits = model.apply(p, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  def loss(p, extra, x, y):
+    logits, new = model.apply({"params": p, **extra}, x, train=True, mutable=list(extra),
+                              rngs={"dropout": jax.random.PRNGKey(1)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, o, x, y):
-    value, grads = jax.value_and_grad(loss)(p, x, y)
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def step(p, o, extra, x, y):
+    (value, extra), grads = jax.value_and_grad(loss, has_aux=True)(p, extra, x, y)
     updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, value
+    return optax.apply_updates(p, updates), o, extra, value
 
   opt = tx.init(params)
   t0 = time.perf_counter()
-  exe = step.lower(params, opt, x, y).compile()
+  exe = step.lower(params, opt, extra, x, y).compile()
   compile_s = time.perf_counter() - t0
   cost = exe.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state = [params, opt]
+  state = [params, opt, extra]
 
   def run():
-    state[0], state[1], value = exe(state[0], state[1], x, y)
+    state[0], state[1], state[2], value = exe(*state, x, y)
     return value
 
   return run, float(cost.get("flops", float("nan"))), compile_s
