@@ -131,3 +131,13 @@ def test_merge_parts(tmp_path):
   with pytest.raises(ValueError, match="steps"):
     t.main([f"--merge={tmp_path / 'part0.json'},{tmp_path / 'part1.json'}",
             f"--out={tmp_path / 'merged'}"])
+
+
+def test_motion_probe_runs():
+  """benchmarks/motion_probe.py (the pilots of the Table 1 settings) cannot rot: 5 steps."""
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_motion_probe", os.path.join(REPO, "benchmarks", "motion_probe.py"))
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  top1 = probe.main(["--steps=5", "--qkv_scale=4"])
+  assert 0.0 <= top1 <= 1.0
