@@ -147,17 +147,30 @@ def check_data_iter(step_dir: str, record: dict, name: str | None = None) -> Non
     raise checksums_lib.Mismatch(f"file data_iter/{name} does not match its checksum")
 
 
+def restore_arrays(path: str) -> dict[str, Any]:
+  """An Orbax StandardCheckpointer save, every array on one device. A damaged save raises
+  (state_metadata, restore_items: Orbax's handlers, no barriers)."""
+  # Every array onto one device, whatever topology saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        state_metadata(path))
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.restore(paths.epath(path), args=ocp.args.StandardRestore(target))
+  finally:
+    handler.close()
+
+
 def _read_step(directory: str, step: int) -> tuple[Any, dict | None]:
   """(every array of the step on one device, its checksums record or None when it has
   none), the arrays checked against the record; CheckpointError(why) for an unusable step."""
-  from structvit_jax import inference
   step_dir = os.path.join(paths.abspath(directory), str(step))
   bad = unusable_reason(step_dir, with_data_iter=False)
   if bad is not None:
     raise CheckpointError(bad[1])
   try:
     record = read_checksums(step_dir)
-    tree = inference.restore_arrays(os.path.join(step_dir, "state"))
+    tree = restore_arrays(os.path.join(step_dir, "state"))
     if record is not None:
       checksums_lib.check_arrays(record["arrays"], tree)
   except checksums_lib.Mismatch as e:
@@ -205,10 +218,10 @@ def verify_step(directory: str, step: int) -> tuple[str, str]:
 def verify(path: str) -> tuple[list[str], bool]:
   """(one line per checkpoint step, or one for an export; whether the newest is usable).
   `path`: a training workdir, its checkpoints/ directory, or an export."""
-  from structvit_jax import checksums, inference
+  from structvit_jax import checksums
   if paths.isfile(os.path.join(path, "model.json")):
     try:
-      tree = inference.restore_arrays(os.path.join(paths.abspath(path), "params"))
+      tree = restore_arrays(os.path.join(paths.abspath(path), "params"))
       verified = checksums.check_export(path, tree)
     except checksums.Mismatch as e:
       return [f"export {path}: unusable: {e}"], False

@@ -150,20 +150,10 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
 
 
 def restore_arrays(path: str) -> dict[str, Any]:
-  """An Orbax StandardCheckpointer save, every array on one device. A damaged save raises
-  (checkpoint.state_metadata, checkpoint.restore_items: Orbax's handlers, no barriers)."""
-  import orbax.checkpoint as ocp
+  """checkpoint.restore_arrays: an Orbax StandardCheckpointer save, every array on one
+  device (kept here too: exports are read with it)."""
   from structvit_jax import checkpoint as ckpt_lib
-  from structvit_jax import paths
-  # Every array onto one device, whatever topology saved it.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        ckpt_lib.state_metadata(path))
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    return handler.restore(paths.epath(path), args=ocp.args.StandardRestore(target))
-  finally:
-    handler.close()
+  return ckpt_lib.restore_arrays(path)
 
 
 def restore_export_arrays(export_dir: str) -> dict[str, Any]:
