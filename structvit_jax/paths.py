@@ -72,8 +72,10 @@ def walk(top: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
   if not is_remote(top):
     yield from os.walk(top)
     return
+  scheme = os.fspath(top).split("://", 1)[0] + "://"
   for root, dirs, files in epath(top).walk():
-    yield os.fspath(root), list(dirs), list(files)
+    root = os.fspath(root)  # gcsfs may give 'bucket/dir' without the scheme: put it back
+    yield (root if "://" in root else scheme + root.lstrip("/")), list(dirs), list(files)
 
 
 def makedirs(path: PathLike) -> None:
