@@ -187,25 +187,9 @@ def _free_port() -> int:
 
 
 def test_processes_agree_to_skip_a_step_one_of_them_cannot_restore(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-  port, directory = str(_free_port()), str(tmp_path / "checkpoints")
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), port, directory], env=env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  deadline = time.time() + 150
-  while time.time() < deadline and any(p.poll() is None for p in procs):
-    if any(p.poll() not in (None, 0) for p in procs):
-      break  # one failed: the other would wait for it at a barrier
-    time.sleep(0.2)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  outs = [p.communicate() for p in procs]
+  outs = _run_two(tmp_path, WORKER)  # asserts both processes exit 0
+  directory = str(tmp_path / "checkpoints")
   logs = [err[-5000:] for _, err in outs]
-  assert all(p.returncode == 0 for p in procs), (
-      f"return codes {[p.returncode for p in procs]}\n" + "\n----\n".join(logs))
   results = [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outs]
   for r in results:  # both on step 1: its state and the input position after one element
     assert (r["step"], r["w"], r["next"], r["steps"]) == (1, 1.0, 1, [1]), (r, logs)
