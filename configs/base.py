@@ -77,7 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mixup_alpha = 0.8              # 0: off
   c.cutmix_alpha = 1.0             # 0: off
   c.mixup_switch_prob = 0.5
-  # Token labeling (on when data.token_label_dir is set; token_labeling.py): loss weights of
+  # Token labeling (on when data.token_label_dir is set; token_label_loss.py): loss weights of
   # the class head and the per-token aux head, MixToken, the official ground-truth blend.
   c.token_label = ml_collections.ConfigDict(
       dict(cls_weight=1.0, dense_weight=1.0, mix_token=True, ground_truth=False))

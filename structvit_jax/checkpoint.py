@@ -21,13 +21,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from structvit_jax import checksums as checksums_lib
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax import paths
 
 _single_process_handler = False
 
 
-class CheckpointError(errors.RunError, RuntimeError):
+class CheckpointError(cli.RunError, RuntimeError):
   """A checkpoint that cannot be used or written; the one-line message says which, why and
   what to do (exit status 1)."""
 
@@ -272,8 +272,8 @@ def _cli() -> None:
     if not newest_ok:
       sys.exit(1)
 
-  errors.quiet_library_logs()
-  errors.run(main)
+  cli.quiet_library_logs()
+  cli.run(main)
 
 
 def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from structvit_jax.errors import UserError
+from structvit_jax.cli import UserError
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

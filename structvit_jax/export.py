@@ -23,12 +23,12 @@ import ml_collections
 import numpy as np
 
 from structvit_jax import checkpoint as ckpt_lib
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax import inference
 from structvit_jax import paths
 
 
-class ExportError(errors.UserError, RuntimeError):
+class ExportError(cli.UserError, RuntimeError):
   """A workdir that cannot be exported; the message says why and what to run."""
 
 
@@ -142,14 +142,14 @@ def provenance(workdir: str, config: ml_collections.ConfigDict, step: int, ema: 
                ) -> dict[str, Any]:
   """What the model card says of the training run: dataset, planned steps, the exported
   step, and the last eval top-1 of eval_results.jsonl (the EMA's when EMA is exported)."""
-  from structvit_jax import metrics
+  from structvit_jax import run_log
   steps = int(config.get("num_train_steps") or 0)
   out: dict[str, Any] = {"workdir": paths.abspath(workdir), "step": int(step), "ema": ema,
                          "dataset": config.data.name,
                          "planned": f"{steps} steps" if steps > 0 else
                                     f"{config.get('num_epochs'):g} epochs"}
   try:
-    records = metrics.read_eval_records(workdir)
+    records = run_log.read_eval_records(workdir)
   except Exception:  # noqa: BLE001  (a card without the number beats no export)
     records = []
   keys = ("eval_ema/top1", "eval/top1") if ema else ("eval/top1",)
@@ -234,5 +234,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  errors.quiet_library_logs()
-  errors.run(main)
+  cli.quiet_library_logs()
+  cli.run(main)

@@ -4,7 +4,7 @@ Variants through the config string (configs/in1k_s.py:d=8,stride=1), overrides w
 --config.x=y. The multi-host flags override config.distributed for launchers.
 A mistake in the flags or config is one `error:` line and exit status 2; a fault of the run
 (non-finite loss, disk full) one line and status 1; --verbose shows tracebacks
-(structvit_jax/errors.py). Compiled programs go to a persistent cache
+(structvit_jax/cli.py). Compiled programs go to a persistent cache
 (config.compilation_cache_dir, structvit_jax/compile_cache.py): a restart compiles nothing.
 """
 
@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from structvit_jax import compile_cache
 from structvit_jax import config_utils
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax import train
 
 FLAGS = flags.FLAGS
@@ -40,43 +40,43 @@ def _nearest(name: str, valid: list[str]) -> str:
 
 
 def check_config(config) -> None:
-  """The mistakes that can be named before anything is built (errors.UserError)."""
+  """The mistakes that can be named before anything is built (cli.UserError)."""
   from structvit_jax import models
   from structvit_jax.data import pipeline
   valid = models.list_models()
   if config.model.name not in valid:
-    raise errors.UserError(
+    raise cli.UserError(
         f"--config.model.name={config.model.name}: unknown model; "
         f"{_nearest(config.model.name, valid)}valid names: {', '.join(valid)}")
   datasets = sorted(pipeline._BUILDERS)
   if config.data.name not in datasets:
-    raise errors.UserError(
+    raise cli.UserError(
         f"--config.data.name={config.data.name}: unknown dataset; "
         f"{_nearest(config.data.name, datasets)}valid names: {', '.join(datasets)}")
   if config.batch_size <= 0:
-    raise errors.UserError(f"--config.batch_size={config.batch_size}: must be positive")
+    raise cli.UserError(f"--config.batch_size={config.batch_size}: must be positive")
   if config.eval_batch_size < 0:
-    raise errors.UserError(f"--config.eval_batch_size={config.eval_batch_size}: must be "
+    raise cli.UserError(f"--config.eval_batch_size={config.eval_batch_size}: must be "
                            ">= 0 (0: the training batch size)")
   if config.grad_accum_steps <= 0:
-    raise errors.UserError(f"--config.grad_accum_steps={config.grad_accum_steps}: must be "
+    raise cli.UserError(f"--config.grad_accum_steps={config.grad_accum_steps}: must be "
                            "positive")
   if not config.distributed.enabled:  # multi-host: counted after jax.distributed starts
     ndev = jax.device_count()
     eval_bs = config.eval_batch_size or config.batch_size
     for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
       if bs % ndev:
-        raise errors.UserError(
+        raise cli.UserError(
             f"--config.{name}={bs}: must be divisible by the {ndev} devices "
             f"(e.g. --config.{name}={max(ndev, bs // ndev * ndev)})")
   if "://" in config.data.get("data_dir", ""):
-    raise errors.UserError(
+    raise cli.UserError(
         f"--config.data.data_dir={config.data.data_dir}: datasets are read from a local "
         "disk or a mount (NFS, gcsfuse), not from a URL; copy the prepared dataset there")
   if config.data.name.startswith("synthetic_"):  # sizes known without reading data
     n = config.data.train_examples
     if not config.eval_only and config.batch_size > n:
-      raise errors.UserError(
+      raise cli.UserError(
           f"--config.batch_size={config.batch_size}: larger than the {n} training examples "
           f"(config.data.train_examples); lower it or raise train_examples")
 
@@ -87,7 +87,7 @@ def check_remote_workdir(workdir: str) -> None:
   from structvit_jax import paths
   scheme = workdir.split("://", 1)[0]
   if scheme != "gs" or not workdir[len("gs://"):].strip("/"):
-    raise errors.UserError(f"--workdir={workdir}: a URL workdir must be gs://BUCKET[/PATH] "
+    raise cli.UserError(f"--workdir={workdir}: a URL workdir must be gs://BUCKET[/PATH] "
                            "(Cloud Storage); other schemes are not supported")
   probe = f"{workdir.rstrip('/')}/.write_test_{uuid.uuid4().hex}"
   try:
@@ -95,7 +95,7 @@ def check_remote_workdir(workdir: str) -> None:
     paths.remove(probe)
   except Exception as e:  # noqa: BLE001  (gcsfs raises OSError, HttpError, auth errors)
     cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise errors.UserError(
+    raise cli.UserError(
         f"--workdir={workdir} is not writable ({cause}); check "
         "the bucket exists and your credentials may write to it (gcloud auth "
         "application-default login, or the VM's service account)") from e
@@ -107,7 +107,7 @@ def check_workdir(workdir: str) -> None:
     check_remote_workdir(workdir)
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
+    raise cli.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
                            "or existing directory")
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -116,7 +116,7 @@ def check_workdir(workdir: str) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    raise errors.UserError(f"--workdir={workdir} is not writable ({e.strerror}); give a "
+    raise cli.UserError(f"--workdir={workdir} is not writable ({e.strerror}); give a "
                            "directory on a writable disk") from e
 
 
@@ -152,5 +152,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.quiet_library_logs()
-  errors.run(main, check_argv=config_utils.check_config_argv)
+  cli.quiet_library_logs()
+  cli.run(main, check_argv=config_utils.check_config_argv)

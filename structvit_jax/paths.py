@@ -109,19 +109,29 @@ def write_bytes(path: PathLike, data: bytes) -> None:
       f.write(data)
 
 
+class WriteError(OSError):
+  """A run file that could not be written (disk full, permissions); names path and cause."""
+
+
 def write_atomic(path: PathLike, text: str) -> None:
   """Writes `text` so that a reader (or a run killed half-way, or a full disk) sees the old
   file or the new one, never a truncated one: locally through a temporary file in the same
-  directory, fsync and a rename; on GCS one object upload (all or nothing). Raises OSError."""
-  if is_remote(path):
-    epath(path).write_text(text)
-    return
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
+  directory, fsync and a rename; on GCS one object upload (all or nothing). Raises
+  WriteError naming the path."""
+  try:
+    if is_remote(path):
+      epath(path).write_text(text)
+    else:
+      _write_local_atomic(os.fspath(path), text)
+  except OSError as e:
+    raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _write_local_atomic(path: str, text: str) -> None:
   tmp = None
   try:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()

@@ -39,19 +39,19 @@ def run(model: str, files: list[str], k: int = 5, batch_size: int = 32,
         views: str = "eval", backend: str = "flax") -> int:
   """Prints the predictions; returns the exit status (1 if any file failed)."""
   import numpy as np
-  from structvit_jax import errors
+  from structvit_jax import cli
   from structvit_jax import inference
   if k < 1 or batch_size < 1:
-    raise errors.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
+    raise cli.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
   try:
     predictor = (inference.load(model) if backend == "flax" else
                  inference.load(model, backend=backend))
   except (FileNotFoundError, ValueError) as e:
-    raise errors.UserError(f"cannot load model {model!r}: {e}") from None
+    raise cli.UserError(f"cannot load model {model!r}: {e}") from None
   try:
     clips, crops = predictor.view_grid(views)
   except ValueError as e:
-    raise errors.UserError(f"--views: {e}") from None
+    raise cli.UserError(f"--views: {e}") from None
   per_pass = max(1, batch_size // (clips * crops))  # files whose views fill a batch
   failed = 0
   for start in range(0, len(files), per_pass):
@@ -85,7 +85,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from structvit_jax import errors
+  from structvit_jax import cli
   _define_flags()
-  errors.quiet_library_logs()
-  errors.run(main, workdir_flag=None)
+  cli.quiet_library_logs()
+  cli.run(main, workdir_flag=None)

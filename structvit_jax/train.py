@@ -24,12 +24,12 @@ import optax
 
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import device_input
-from structvit_jax import metrics as metrics_lib
+from structvit_jax import run_log
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import paths
 from structvit_jax import sharding as shard_lib
-from structvit_jax import token_labeling
+from structvit_jax import token_label_loss
 from structvit_jax.data import evaluators
 
 
@@ -109,9 +109,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   erase_rng = jax.random.fold_in(step_rng, 1)  # apart from the split: mixup keys unchanged
   # uint8 -> normalised (and erased) float images, then the mixing of the recipe.
   batch = {**batch, "image": device_input.images(batch, normalization, erase_rng)}
-  token_labels = token_labeling.enabled(batch)
+  token_labels = token_label_loss.enabled(batch)
   if token_labels:  # dense targets, MixToken, aux loss: token_labeling.py
-    images, targets = token_labeling.inputs(mix_rng, batch, num_classes, config)
+    images, targets = token_label_loss.inputs(mix_rng, batch, num_classes, config)
   else:
     images, targets = mixup_lib.mixup_cutmix(
         mix_rng, batch["image"], batch["label"], num_classes,
@@ -122,7 +122,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     apply = functools.partial(model.apply, _variables(params, batch_stats), train=True,
                               rngs={"dropout": rng}, mutable=["batch_stats"])
     if token_labels:
-      loss, logits, updates = token_labeling.loss(apply, x, t, config)
+      loss, logits, updates = token_label_loss.loss(apply, x, t, config)
     else:
       logits, updates = apply(x)
       logits = logits.astype(jnp.float32)
@@ -271,7 +271,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
   # state is known to fit it (after a restore or a fresh start), atomically.
   if jax.process_index() == 0:
-    metrics_lib.write_atomic(os.path.join(workdir, "config.json"),
+    paths.write_atomic(os.path.join(workdir, "config.json"),
                              config.to_json_best_effort(indent=2))
 
 
@@ -360,7 +360,7 @@ class _Setup:
                            batch).compile()
     return _Background(compile_eval, "eval compile")
 
-  def log_model_size(self, writer: metrics_lib.MetricWriter) -> None:
+  def log_model_size(self, writer: run_log.MetricWriter) -> None:
     from structvit_jax import flops
     n_params = flops.count_params(self.abstract_state.params)
     gmacs = None
@@ -439,7 +439,7 @@ def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
     m = run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp, setup.mesh,
                  setup.new_evaluator())
     results.update({f"{prefix}/{k}": v for k, v in m.items()})
-    metrics_lib.log_console(evaluators.console_line(prefix, step, m))
+    run_log.log_console(run_log.eval_line(prefix, step, m))
   bad = [f"{k}={v}" for k, v in results.items()
          if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v))]
   if bad:  # not recorded: eval_results.jsonl and TensorBoard keep finite results only
@@ -485,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_iter.close()
     raise
   _write_config(config, workdir)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = run_log.MetricWriter(workdir)
   setup.log_model_size(writer)
   startup.mark("model size")
   step = int(jax.device_get(state.step))
@@ -494,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Training steps %d..%d (%d/epoch, global batch %d); eval every %d steps",
                step, total, setup.steps_per_epoch, config.batch_size, eval_every)
   sigterm = ckpt_lib.SigtermFlag()
-  progress = metrics_lib.Progress(total, config.batch_size, step)
+  progress = run_log.Progress(total, config.batch_size, step)
   history: list[dict] = []        # host metrics since the last log line
   bad = evaluators.BadCount()     # unreadable examples replaced, per log line and in all
   pending = None                  # (step, device metrics): fetched one step late
@@ -565,7 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         avg["lr"] = history[-1]["lr"]
         history.clear()
         avg.update(progress.tick(step), **bad.take())
-        metrics_lib.log_console(metrics_lib.console_line(step, total, avg) + bad.console())
+        run_log.log_console(run_log.console_line(step, total, avg) + bad.console())
         writer.scalars(step, {f"train/{k}": v for k, v in avg.items()})
       if preempted:
         save(step)
@@ -582,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         eval_results = _eval_and_log(setup, state, config, writer, step)
         progress.resume()
     missing = not eval_results and not any(r.get("step") == step
-                                           for r in metrics_lib.read_eval_records(workdir))
+                                           for r in run_log.read_eval_records(workdir))
     if jax.process_count() > 1:  # process 0's file decides: every process must evaluate
       from jax.experimental import multihost_utils
       missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
@@ -679,14 +679,14 @@ class _StartupTimes:
 
 def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
-  return {k: b[k] for k in ("image", "label", "bad", "erase", *token_labeling.KEYS) if k in b}
+  return {k: b[k] for k in ("image", "label", "bad", "erase", *token_label_loss.KEYS) if k in b}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              devices: list[jax.Device] | None = None) -> dict[str, float]:
   """Evaluates the newest checkpoint in workdir (else config.resume) and its EMA."""
   setup = _Setup(config, workdir, devices, train=False)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = run_log.MetricWriter(workdir)
   source = setup.ckpt
   if source.latest_step() is None:
     if not config.resume:

@@ -7,7 +7,7 @@
 weights, e.g. to see the initialisation). --input: an image, or a video for video models
 (presets: chosen by the file's extension). Writes DIR/fig2_pattern_detectors.png,
 DIR/fig4_attention_maps.png (the model, and every --compare model, side by side) and, for
-clips, DIR/fig3_dynamic_kernels_over_time.png (structvit_jax/viz.py says what each shows).
+clips, DIR/fig3_dynamic_kernels_over_time.png (structvit_jax/figures.py says what each shows).
 --query is in token coordinates of the layer ((row, col) or (t, row, col)); default centre.
 """
 
@@ -81,33 +81,33 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
         frames: int | None = None, seed: int = 0) -> list[str]:
   """Writes the figures; returns their paths."""
   import numpy as np
-  from structvit_jax import errors
+  from structvit_jax import cli
   from structvit_jax import inference
-  from structvit_jax import viz
+  from structvit_jax import figures
   kind = "video" if input_file.lower().endswith(inference._VIDEO_EXTS) else "image"
   main = open_model(model, kind, image_size, frames, seed)
   kind = main.input_spec["kind"]
   raw = main.read(input_file)                     # uint8, what the model sees
   x = main.preprocess_one(input_file)[None]
-  logits, caps = viz.capture(main.model, main.variables, x)
+  logits, caps = figures.capture(main.model, main.variables, x)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   top = main.top_k_of(probs, 3)[0]
   print(f"{input_file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
-  cap = viz.pick_layer(caps, layer)
+  cap = figures.pick_layer(caps, layer)
   if head is not None and not 0 <= head < cap.num_heads:
-    raise errors.UserError(f"--head={head}: layer {cap.name} has {cap.num_heads} heads "
+    raise cli.UserError(f"--head={head}: layer {cap.name} has {cap.num_heads} heads "
                            f"(0..{cap.num_heads - 1}, or -1 for their mean)")
   print(f"layer {cap.name}: {cap.describe()}, token grid {cap.grid}, {cap.num_heads} heads "
         f"(captured: {', '.join(caps)})")
   image = raw if kind == "image" else None
-  q = viz.query_index(cap, query)
+  q = figures.query_index(cap, query)
   paths = []
   if kind == "video":
     t_frame = min(len(raw) - 1, int(round((q[0] + 0.5) * len(raw) / cap.grid[0] - 0.5)))
     image = raw[t_frame]
   if cap.d > 0:
-    paths.append(viz.fig_pattern_detectors(cap, q, os.path.join(out, "fig2_pattern_detectors.png"),
+    paths.append(figures.fig_pattern_detectors(cap, q, os.path.join(out, "fig2_pattern_detectors.png"),
                                            image=image, head=head))
   else:
     print(f"{cap.name} is SA (D = 0): no pattern detectors, Fig. 2 skipped")
@@ -117,13 +117,13 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
                    main.input_spec.get("num_frames") or None, seed)
     if p.input_spec["kind"] != kind:
       raise ValueError(f"--compare model {other} takes {p.input_spec['kind']}s, {model} {kind}s")
-    _, oc = viz.capture(p.model, p.variables, x)
-    caps4[_label(other)] = viz.pick_layer(oc, layer or cap.name)
+    _, oc = figures.capture(p.model, p.variables, x)
+    caps4[_label(other)] = figures.pick_layer(oc, layer or cap.name)
   caps4[_label(model)] = cap
-  paths.append(viz.fig_attention_comparison(caps4, q, os.path.join(out, "fig4_attention_maps.png"),
+  paths.append(figures.fig_attention_comparison(caps4, q, os.path.join(out, "fig4_attention_maps.png"),
                                             image=image, head=head))
   if kind == "video" and cap.d > 0:
-    paths.append(viz.fig_dynamic_kernels_over_time(
+    paths.append(figures.fig_dynamic_kernels_over_time(
         cap, q[1:], os.path.join(out, "fig3_dynamic_kernels_over_time.png"), clip=raw, head=head))
   for p in paths:
     print(f"wrote {p}")
@@ -134,23 +134,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  from structvit_jax import errors
+  from structvit_jax import cli
   from structvit_jax import inference
   try:
     query = [int(v) for v in FLAGS.query] if FLAGS.query else None
   except ValueError:
-    raise errors.UserError(f"--query={','.join(FLAGS.query)}: expected integer token "
+    raise cli.UserError(f"--query={','.join(FLAGS.query)}: expected integer token "
                            "coordinates, e.g. --query=3,4 (row, col) or 1,3,4 (t, row, col)"
                            ) from None
   try:
     run(FLAGS.model, FLAGS.input, FLAGS.out, FLAGS.compare, FLAGS.layer, query,
         None if FLAGS.head < 0 else FLAGS.head, FLAGS.image_size, FLAGS.frames, FLAGS.seed)
   except inference.InputError as e:  # a file that cannot be read: not a usage error
-    raise errors.RunError(str(e)) from e
+    raise cli.RunError(str(e)) from e
 
 
 if __name__ == "__main__":
-  from structvit_jax import errors
+  from structvit_jax import cli
   _define_flags()
-  errors.quiet_library_logs()
-  errors.run(main, workdir_flag=None)
+  cli.quiet_library_logs()
+  cli.run(main, workdir_flag=None)

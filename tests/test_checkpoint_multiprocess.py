@@ -64,8 +64,8 @@ import grain
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from structvit_jax import checkpoint as ckpt_lib, errors
-errors.quiet_library_logs(os.path.dirname(directory))
+from structvit_jax import checkpoint as ckpt_lib, cli
+cli.quiet_library_logs(os.path.dirname(directory))
 
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 def host(step):

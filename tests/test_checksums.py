@@ -23,7 +23,7 @@ import pytest
 
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import checksums
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax import optim
 from structvit_jax import train
 from test_train import REPO, tiny_config
@@ -103,10 +103,10 @@ def quiet(tmp_path, monkeypatch):
   handler = absl_logging.get_absl_handler()
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
   before = list(handler.filters)
-  errors.quiet_library_logs(str(tmp_path))
+  cli.quiet_library_logs(str(tmp_path))
   yield
   handler.filters[:] = before
-  errors.library_log.set_path(None)
+  cli.library_log.set_path(None)
 
 
 def _restore(directory, target):

@@ -1,5 +1,5 @@
 """Every user mistake on the command line is one `error:` line, no traceback, exit status 2
-(structvit_jax/errors.py).
+(structvit_jax/cli.py).
 
 Each case runs the command's `__main__` in a forked child of one fork-server process: the
 same code path as `python -m ...`, without a fresh interpreter and JAX import per case. The
@@ -165,12 +165,12 @@ def test_verbose_shows_the_traceback(server, files):
 
 
 def test_a_bug_is_one_line_and_the_traceback_goes_to_the_workdir(tmp_path, capsys):
-  from structvit_jax import errors
+  from structvit_jax import cli
   (tmp_path / "w").mkdir()
   try:
     {}["x"].append(1)  # a bug: KeyError raised outside structvit_jax
   except KeyError as e:
-    status = errors.report(e, ["prog"], str(tmp_path / "w"))
+    status = cli.report(e, ["prog"], str(tmp_path / "w"))
   err = capsys.readouterr().err
   assert status == 1 and err.count("\n") == 1 and "Traceback" not in err, err
   assert "a bug" in err and "error.log" in err, err

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from structvit_jax import run_log
 from structvit_jax.data import evaluators as E
 
 
@@ -36,12 +37,12 @@ def test_classification_exact_over_real_examples():
   loss = np.mean([_ce(b1[0][0], 0), _ce(ramp, 0), _ce(ramp, 2), _ce(b2[0][0], 2)])
   assert (m["count"], m["top1"], m["top5"], m["bad_examples"]) == (4, 0.5, 0.75, 1)
   assert m["loss"] == pytest.approx(loss, rel=1e-6)
-  line = E.console_line("eval", 7, m)
+  line = run_log.eval_line("eval", 7, m)
   assert line.startswith("eval step 7: loss") and "over 4 examples (1 unreadable, left out)" in line
   # a dataset without a `bad` field reports no count
   no_bad = _run(E.Classification(), [(b2[0], dict(label=[2, 6], mask=[True, False]))])
   assert "bad_examples" not in no_bad and no_bad["top1"] == 1.0
-  assert "unreadable" not in E.console_line("eval", 7, no_bad)
+  assert "unreadable" not in run_log.eval_line("eval", 7, no_bad)
 
 
 def test_multi_view_video_sums_scores_per_video_and_mean_per_class():
@@ -57,7 +58,7 @@ def test_multi_view_video_sums_scores_per_video_and_mean_per_class():
   real = [0, 1, 2, 3, 5]
   assert m["loss"] == pytest.approx(np.mean([_ce(views[0][i], views[1]["label"][i])
                                              for i in real]), rel=1e-6)  # mean over views
-  assert "over 3 videos" in E.console_line("eval", 1, m)
+  assert "over 3 videos" in run_log.eval_line("eval", 1, m)
   plain = _run(E.MultiViewVideo(), [views])
   assert "mean_class_top1" not in plain and plain["top1"] == m["top1"]
 

@@ -22,7 +22,7 @@ import pytest
 
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import export as export_lib
-from structvit_jax import metrics as metrics_lib
+from structvit_jax import paths, run_log
 from structvit_jax import train
 from test_train import REPO, tiny_config, write_config_file
 
@@ -148,14 +148,14 @@ def test_silently_flipped_array_falls_back_end_to_end(reference, tmp_path):
   assert len(unusable) == 1 and "step 20 " in unusable[0], unusable
   assert "does not match its checksum" in unusable[0], unusable
   assert "restored step 15 " in console
-  (last,) = [e for e in metrics_lib.read_eval_records(str(workdir)) if e["step"] == 20]
+  (last,) = [e for e in run_log.read_eval_records(str(workdir)) if e["step"] == 20]
   for k in ("eval/loss", "eval/top1", "eval_ema/loss", "eval_ema/top1"):
     np.testing.assert_allclose(last[k], reference[1][k], rtol=1e-6)
   assert (workdir / "checkpoints" / "20.unusable-checksum").is_dir()
 
 
 def test_non_finite_evaluation_is_one_error_and_not_recorded(tmp_path, monkeypatch):
-  writer = metrics_lib.MetricWriter(str(tmp_path))
+  writer = run_log.MetricWriter(str(tmp_path))
   monkeypatch.setattr(train, "run_eval", lambda *a, **k: {"loss": float("nan"), "top1": 0.5, "top5": 1.0, "count": 8})
 
   class Setup:
@@ -171,16 +171,16 @@ def test_non_finite_evaluation_is_one_error_and_not_recorded(tmp_path, monkeypat
   finally:
     writer.close()
   assert "\n" not in str(e.value) and "not recorded" in str(e.value)
-  assert metrics_lib.read_eval_records(str(tmp_path)) == []
-  from structvit_jax import errors
-  assert errors.classify(e.value)[0] == 1
+  assert run_log.read_eval_records(str(tmp_path)) == []
+  from structvit_jax import cli
+  assert cli.classify(e.value)[0] == 1
 
 
 def test_finished_run_without_final_eval_evaluates_on_restart(reference, tmp_path):
   workdir = copy_run(reference, tmp_path / "w")  # killed during its final evaluation
   _, ev = run(workdir)
   np.testing.assert_allclose(ev["eval/top1"], reference[1]["eval/top1"], rtol=1e-6)
-  records = metrics_lib.read_eval_records(str(workdir))
+  records = run_log.read_eval_records(str(workdir))
   assert [r["step"] for r in records] == [20]
 
 
@@ -310,7 +310,7 @@ def test_full_disk_at_start_leaves_no_empty_config_json(reference, small_disk):
   finally:
     os.close(fd)
   with pytest.raises(OSError) as e:
-    metrics_lib.write_atomic(str(disk / "config.json"), "{}" * 10000)
+    paths.write_atomic(str(disk / "config.json"), "{}" * 10000)
   assert str(disk / "config.json") in str(e.value) and "No space left" in str(e.value)
   assert not (disk / "config.json").exists()
   assert [p.name for p in disk.iterdir()] == ["filler"]

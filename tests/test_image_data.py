@@ -283,7 +283,7 @@ def test_bench_reports_examples_per_second(prepared):
 
 
 def test_in1k_s_trains_and_evaluates_end_to_end(unchecked, tmp_path, monkeypatch):
-  from structvit_jax import metrics as metrics_lib, train
+  from structvit_jax import run_log, train
   c = _config(unchecked)
   c.model.name = "structvit_tiny"
   c.model.kwargs.num_classes = 3
@@ -291,8 +291,8 @@ def test_in1k_s_trains_and_evaluates_end_to_end(unchecked, tmp_path, monkeypatch
   c.num_train_steps = 2
   c.log_every_steps = 1
   logged = {}
-  real = metrics_lib.MetricWriter.scalars
-  monkeypatch.setattr(metrics_lib.MetricWriter, "scalars",
+  real = run_log.MetricWriter.scalars
+  monkeypatch.setattr(run_log.MetricWriter, "scalars",
                       lambda self, step, v: logged.update(v) or real(self, step, v))
   state, ev = train.train_and_evaluate(c, str(tmp_path))
   assert int(state.step) == 2 and ev["eval/count"] == 3 * N_VAL + 1

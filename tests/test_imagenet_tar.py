@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax.data import builders, prepare
 
 NAMES = builders.imagenet_label_names()
@@ -90,22 +90,22 @@ def test_outer_tar_prepares_as_the_extracted_tree(raw, tmp_path):
 
 def test_foreign_truncated_or_corrupt_tars_are_clear_errors(raw, tmp_path):
   tars, _ = raw
-  with pytest.raises(errors.UserError, match=r"image files directly \(is it "
+  with pytest.raises(cli.UserError, match=r"image files directly \(is it "
                      r"ILSVRC2012_img_val.tar\?"):
     prepare.discover_imagenet(str(tars / prepare.VAL_TAR))
   not_tar = tmp_path / "x.tar"
   not_tar.write_bytes(b"<html>404 not found</html>" * 40)
-  with pytest.raises(errors.UserError, match="not a readable tar file.*expected the official "
+  with pytest.raises(cli.UserError, match="not a readable tar file.*expected the official "
                      "ILSVRC2012_img_train.tar"):
     prepare.discover_imagenet(str(not_tar))
   data = (tars / prepare.TRAIN_TAR).read_bytes()
   cut = tmp_path / "cut.tar"
   cut.write_bytes(data[:len(data) * 2 // 3])
-  with pytest.raises(errors.UserError, match="truncated or corrupt.*download "
+  with pytest.raises(cli.UserError, match="truncated or corrupt.*download "
                      "ILSVRC2012_img_train.tar again"):
     prepare.discover_imagenet(str(cut))
   # An inner tar whose header is garbage.
   with tarfile.open(tmp_path / "bad_inner.tar", "w") as outer:
     _add(outer, f"{CLASSES[0]}.tar", b"\x01garbage" * 200)
-  with pytest.raises(errors.UserError, match=f"member {CLASSES[0]}.tar is not a readable tar"):
+  with pytest.raises(cli.UserError, match=f"member {CLASSES[0]}.tar is not a readable tar"):
     prepare.discover_imagenet(str(tmp_path / "bad_inner.tar"))

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from structvit_jax import config_utils, errors, metrics, optim
+from structvit_jax import cli, config_utils, optim, run_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_a_num_train_steps_run_leaves_its_warm_up():
 
 
 def test_eta_leaves_out_the_compile():
-  p = metrics.Progress(total_steps=110, global_batch=8, first_step=0)
+  p = run_log.Progress(total_steps=110, global_batch=8, first_step=0)
   time.sleep(0.3)             # "compile" of the first step
   p.add_pause(0.3)
   out = p.tick(10)
@@ -44,10 +44,10 @@ def _record(path, level, msg):
 
 
 def test_library_records_go_to_the_library_log_not_the_console(tmp_path):
-  log = tmp_path / errors.LIBRARY_LOG
-  errors.library_log.set_path(str(log))
+  log = tmp_path / cli.LIBRARY_LOG
+  cli.library_log.set_path(str(log))
   try:
-    f = errors._LibraryNoise()
+    f = cli._LibraryNoise()
     orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
     ours = os.path.join(REPO, "structvit_jax", "checkpoint.py")
     assert not f.filter(_record(orbax, logging.INFO, "Finished saving %s"))
@@ -55,20 +55,20 @@ def test_library_records_go_to_the_library_log_not_the_console(tmp_path):
     assert not f.filter(_record(orbax, logging.WARNING, "Disk almost full: %s"))
     assert not f.filter(_record(orbax, logging.ERROR, "Save failed: %s"))
     assert f.filter(_record(ours, logging.INFO, "Checkpoint: saving step %s"))
-    assert errors._LibraryNoise(console=True).filter(
+    assert cli._LibraryNoise(console=True).filter(
         _record(orbax, logging.ERROR, "Read failed: %s"))
     text = log.read_text()
     assert "Disk almost full: x" in text and "Save failed: x" in text
     assert "Finished saving" not in text and "Metadata file does not exist" not in text
   finally:
-    errors.library_log.set_path(None)
+    cli.library_log.set_path(None)
 
 
 def test_library_tracebacks_go_to_the_log_and_to_the_console_only_if_verbose(tmp_path):
   """A failed async save (full disk): each Orbax thread logs the cause with a traceback;
   checkpoint.py reports it as one error line, the tracebacks go to WORKDIR/library.log."""
-  log = tmp_path / errors.LIBRARY_LOG
-  errors.library_log.set_path(str(log))
+  log = tmp_path / cli.LIBRARY_LOG
+  cli.library_log.set_path(str(log))
   orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
   try:
     raise OSError(28, "No space left on device")
@@ -78,10 +78,10 @@ def test_library_tracebacks_go_to_the_log_and_to_the_console_only_if_verbose(tmp
   try:
     for console in (False, True):
       r = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save failed: %s", ("x",), exc)
-      assert errors._LibraryNoise(console=console).filter(r) == console
+      assert cli._LibraryNoise(console=console).filter(r) == console
     assert log.read_text().count("Traceback") == 2
   finally:
-    errors.library_log.set_path(None)
+    cli.library_log.set_path(None)
 
 
 def _png(path):
@@ -111,7 +111,7 @@ def test_prepare_refuses_a_split_with_no_readable_image(tmp_path):
   bad = tmp_path / "src" / "validation" / "cat" / "b.jpg"
   bad.parent.mkdir(parents=True)
   bad.write_bytes(b"not an image")
-  with pytest.raises(errors.UserError, match="split validation: none of its 1 image"):
+  with pytest.raises(cli.UserError, match="split validation: none of its 1 image"):
     prepare.prepare("image_folder", str(tmp_path / "src"), str(tmp_path / "out"))
 
 

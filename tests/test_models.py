@@ -11,7 +11,7 @@ import pytest
 
 from structvit_jax import flops
 from structvit_jax.models import StructSAConfig, get_model, list_models
-from structvit_jax.tools.model_stats import model_stats
+from structvit_jax.model_stats import model_stats
 
 FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
 
@@ -187,7 +187,7 @@ def test_flat_structsa_fields_of_old_configs_fold_into_structsa():
 
 
 def test_model_stats_cli_json():
-  out = subprocess.run([sys.executable, "-m", "structvit_jax.tools.model_stats",
+  out = subprocess.run([sys.executable, "-m", "structvit_jax.model_stats",
                         "--model=structvit_s_4_2", "--frames=16", "--num_classes=400", "--json",
                         "--set", "d=8"], capture_output=True, text=True, check=True).stdout
   row = json.loads(out.strip().splitlines()[-1])

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from structvit_jax import metrics as metrics_lib
+from structvit_jax import run_log
 from structvit_jax import train
 from test_train import tiny_config
 
@@ -67,12 +67,12 @@ def test_host_round_trip_in_the_step_raises(tmp_path, monkeypatch):
 
 def test_progress_data_wait_fraction(monkeypatch):
   clock = iter([0.0, 10.0])
-  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
-  p = metrics_lib.Progress(total_steps=10, global_batch=8, first_step=0)
+  monkeypatch.setattr(run_log.time, "perf_counter", lambda: next(clock))
+  p = run_log.Progress(total_steps=10, global_batch=8, first_step=0)
   p.add_data_time(1.5)
   p.add_data_time(1.0)
   m = p.tick(5)
   assert m["data_wait"] == pytest.approx(0.25) and m["step_time"] == pytest.approx(2.0)
-  line = metrics_lib.console_line(5, 10, dict(m, loss=1.0, top1=0.5, top5=0.9, lr=1e-3,
+  line = run_log.console_line(5, 10, dict(m, loss=1.0, top1=0.5, top5=0.9, lr=1e-3,
                                               grad_norm=1.0))
   assert "data_wait 25%" in line

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from structvit_jax import errors, inference, predict
+from structvit_jax import cli, inference, predict
 from structvit_jax.data import video
 from structvit_jax.data.preprocessing import eval_spec, eval_views
 from structvit_jax.models import get_model
@@ -96,5 +96,5 @@ def test_multi_view_predict_is_the_mean_over_the_eval_views(setup, monkeypatch, 
     lines = capsys.readouterr().out.splitlines()
     best = np.argsort(-probs, kind="stable")[:2]
     assert lines == [path] + [f"  {probs[j]:.4f}  {CLASSES[j]}" for j in best]
-  with pytest.raises(errors.UserError, match="--views: views='2'"):
+  with pytest.raises(cli.UserError, match="--views: views='2'"):
     predict.run("EXPORT", [path], views="2")

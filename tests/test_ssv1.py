@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from structvit_jax import config_utils, errors, export, train
+from structvit_jax import cli, config_utils, export, train
 from structvit_jax.data import create_input, video, video_lists
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_malformed_lines_are_one_line_errors(ssv1, tmp_path, line, match):
   ann, data = ssv1
   bad = tmp_path / "t.csv"
   bad.write_text(f"12;Holding something\n{line}\n")
-  with pytest.raises(errors.UserError, match=match) as e:
+  with pytest.raises(cli.UserError, match=match) as e:
     video_lists.convert("ssv1", str(data), {"x.csv": str(bad)},
                         labels=str(ann / video_lists.SSV1_LABELS))
   assert "\n" not in str(e.value)
@@ -128,14 +128,14 @@ def test_labels_and_folder_errors(ssv1, tmp_path):
   train = str(ann / "something-something-v1-train.csv")
   lonely = tmp_path / "lonely.csv"
   lonely.write_text("11;Holding something\n")
-  with pytest.raises(errors.UserError, match=r"something-something-v1-labels\.csv not found: "
+  with pytest.raises(cli.UserError, match=r"something-something-v1-labels\.csv not found: "
                                              r"pass --labels="):
     video_lists.convert("ssv1", str(data), {"x.csv": str(lonely)})
   swapped = tmp_path / "swapped.csv"
   swapped.write_text("11;Holding something\n")
-  with pytest.raises(errors.UserError, match=r"swapped\.csv: expected one label name a line"):
+  with pytest.raises(cli.UserError, match=r"swapped\.csv: expected one label name a line"):
     video_lists.convert("ssv1", str(data), {"x.csv": train}, labels=str(swapped))
-  with pytest.raises(errors.UserError, match=r"none of the 9 videos of .*train\.csv found as "
+  with pytest.raises(cli.UserError, match=r"none of the 9 videos of .*train\.csv found as "
                                              r"frame folders under .*elsewhere \(looked for "
                                              r"folders such as 11/\)"):
     video_lists.convert("ssv1", str(data), {"x.csv": train}, videos="elsewhere")

@@ -9,7 +9,7 @@ import pytest
 from structvit_jax.models import get_model
 from structvit_jax.models.timesformer import (ATTENTION_TYPES, attention_stages, grouped,
                                               nearest_indices)
-from structvit_jax.tools.model_stats import model_stats
+from structvit_jax.model_stats import model_stats
 
 # Official counts (fvcore GFLOPs on the official code, docs/flops.md). L+G / axial: ours (no
 # official code).

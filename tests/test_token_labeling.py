@@ -21,7 +21,7 @@ from PIL import Image
 import pytest
 
 from structvit_jax import optim
-from structvit_jax import token_labeling
+from structvit_jax import token_label_loss
 from structvit_jax import train
 from structvit_jax.data import synthetic, token_labels
 from structvit_jax.data.pipeline import RandomFlip
@@ -179,7 +179,7 @@ def _roi_coverage(elements, grid):
   the 2-class softmax of targets())."""
   maps = np.stack([e["token_label"] for e in elements])
   boxes = np.stack([e["token_label_box"] for e in elements])
-  _, dense = jax.jit(token_labeling.targets, static_argnums=(2, 3, 4))(
+  _, dense = jax.jit(token_label_loss.targets, static_argnums=(2, 3, 4))(
       maps, boxes, NUM_CLASSES, (grid, grid), 0.0)
   p = np.asarray(dense)
   label = maps[:, 1, 0, 0, 0].astype(int)
@@ -262,7 +262,7 @@ def test_mixtoken_box_and_swap():
   from structvit_jax.models.uniformer import _swap_in_box
   areas = set()
   for i in range(20):
-    y0, x0, y1, x1 = np.asarray(token_labeling.mixtoken_box(jax.random.PRNGKey(i), (7, 7)))
+    y0, x0, y1, x1 = np.asarray(token_label_loss.mixtoken_box(jax.random.PRNGKey(i), (7, 7)))
     assert 0 <= y0 <= y1 <= 7 and 0 <= x0 <= x1 <= 7
     areas.add(int((y1 - y0) * (x1 - x0)))
   assert len(areas) > 3  # lam ~ Beta(1, 1): boxes of many sizes
@@ -381,9 +381,9 @@ def test_token_labeling_trains_the_aux_head_per_token_and_the_class_head():
   test = _examples(2, 64)
   images = _normalise([e[0] for e in test])
   maps = np.stack([e[1] for e in test])
-  grid = SIZE // token_labeling.TOKEN_STRIDE
+  grid = SIZE // token_label_loss.TOKEN_STRIDE
   full = np.tile(np.asarray([0, 0, 1, 1], np.float32), (len(test), 1))
-  _, dense = token_labeling.targets(maps, full, nc, (grid, grid), 0.0)
+  _, dense = token_label_loss.targets(maps, full, nc, (grid, grid), 0.0)
   target = np.asarray(dense.argmax(-1))                               # [B, tokens]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   with cheap_compiles():

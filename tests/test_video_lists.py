@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax.data import video, video_lists
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -73,24 +73,24 @@ def test_ssv2_errors_are_clear(ssv2, tmp_path):
   train = str(ann / "something-something-v2-train.json")
   test = ann / "something-something-v2-test.json"
   test.write_text(json.dumps([{"id": "1"}]))
-  with pytest.raises(errors.UserError, match="no 'template'.*test set is unlabelled"):
+  with pytest.raises(cli.UserError, match="no 'template'.*test set is unlabelled"):
     video_lists.convert("ssv2", str(data), {"train.csv": str(test)})
   other = tmp_path / "labels.json"
   other.write_text(json.dumps({"Holding something": "0"}))
-  with pytest.raises(errors.UserError, match="2 template.*not among the classes, e.g. "
+  with pytest.raises(cli.UserError, match="2 template.*not among the classes, e.g. "
                      r"\['Approaching something with your camera'"):
     video_lists.convert("ssv2", str(data), {"train.csv": train}, labels=str(other))
-  with pytest.raises(errors.UserError, match="labels.json not found: pass --labels"):
+  with pytest.raises(cli.UserError, match="labels.json not found: pass --labels"):
     video_lists.convert("ssv2", str(data), {"train.csv": train},
                         labels=str(tmp_path / "nope" / "labels.json"))
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(errors.UserError, match=r"none of the 3 videos of .*train.json found "
+  with pytest.raises(cli.UserError, match=r"none of the 3 videos of .*train.json found "
                      r"among the 0 video files .*names such as 78687.mp4"):
     video_lists.convert("ssv2", str(empty), {"train.csv": train})
   # The annotation under the list's own name in --data_dir is never overwritten.
   (data / "train.csv").write_text("x")
-  with pytest.raises(errors.UserError, match="would be overwritten"):
+  with pytest.raises(cli.UserError, match="would be overwritten"):
     video_lists.convert("ssv2", str(data), {"train.csv": str(data / "train.csv")})
   assert (data / "train.csv").read_text() == "x"
 
@@ -139,7 +139,7 @@ def test_kinetics_lists_sorted_or_given_class_order(k400):
   # --videos: only that sub-directory is searched (paths stay relative to DATA_DIR).
   video_lists.convert("kinetics400", str(data), {"v.csv": anns["val.csv"]}, videos="val")
   assert (data / "v.csv").read_text() == "val/zz.mkv 1\nval/abseiling/yy_000001_000011.mp4 0\n"
-  with pytest.raises(errors.UserError, match="none of the 3 videos of .*train.csv found among "
+  with pytest.raises(cli.UserError, match="none of the 3 videos of .*train.csv found among "
                      "the 2 video files under .*val"):
     video_lists.convert("kinetics400", str(data), {"t.csv": anns["train.csv"]}, videos="val")
   assert not (data / "t.csv").exists()
@@ -149,15 +149,15 @@ def test_kinetics_errors_are_clear(k400, tmp_path):
   ann, data = k400
   bad = tmp_path / "bad.csv"
   bad.write_text("youtube_id,label\nabc,abseiling\n")
-  with pytest.raises(errors.UserError, match="expected the Kinetics CSV with the header"):
+  with pytest.raises(cli.UserError, match="expected the Kinetics CSV with the header"):
     video_lists.convert("kinetics400", str(data), {"train.csv": str(bad)})
   unlabelled = tmp_path / "test.csv"
   unlabelled.write_text(K400_HEADER + ",abc,0,10,test,0\n")
-  with pytest.raises(errors.UserError, match="1 row.* without a label"):
+  with pytest.raises(cli.UserError, match="1 row.* without a label"):
     video_lists.convert("kinetics400", str(data), {"val.csv": str(unlabelled)})
   few = tmp_path / "few.txt"
   few.write_text("abseiling\n")
-  with pytest.raises(errors.UserError, match="2 class.*not in the class list"):
+  with pytest.raises(cli.UserError, match="2 class.*not in the class list"):
     video_lists.convert("kinetics400", str(data), {"train.csv": str(ann / "train.csv")},
                         classes=str(few))
 

@@ -107,16 +107,6 @@ class MultiViewVideo(Classification):
     return {**super().result(), **video_metrics(self.chunks, self.mean_per_class)}
 
 
-def console_line(prefix: str, step: int, m: dict[str, float]) -> str:
-  """An eval's console line from its result."""
-  extra = f" mean_class_top1 {m['mean_class_top1']:.4f}" if "mean_class_top1" in m else ""
-  bad = int(m.get("bad_examples", 0))
-  return (f"{prefix} step {step}: loss {m['loss']:.4f} top1 {m['top1']:.4f} top5 "
-          f"{m['top5']:.4f}{extra} over {int(m['count'])} "
-          + ("videos" if "views" in m else "examples")
-          + (f" ({bad} unreadable, left out)" if bad else ""))
-
-
 def video_metrics(chunks: list[dict[str, np.ndarray]], mean_per_class: bool
                   ) -> dict[str, float]:
   """top-1/top-5 (and mean per-class top-1) of the softmax scores summed over each video's

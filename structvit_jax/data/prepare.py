@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from etils import epath
 import tensorflow_datasets as tfds
 
-from structvit_jax import errors
+from structvit_jax import cli
 from structvit_jax.data import builders
 from structvit_jax.data.builders import Item
 
@@ -131,7 +131,7 @@ def _open_outer(path: str) -> tarfile.TarFile:
   try:
     return tarfile.open(path, "r:")  # the official tars are not compressed
   except (tarfile.TarError, OSError) as e:
-    raise errors.UserError(
+    raise cli.UserError(
         f"{path}: not a readable tar file ({type(e).__name__}: {e}); expected the official "
         f"{TRAIN_TAR} (download it again if it is truncated)") from None
 
@@ -145,7 +145,7 @@ def _outer_tar_items(path: str, label_of: dict[str, int]) -> list[Item]:
     try:
       members = sorted((m for m in outer if m.isfile()), key=lambda m: m.name)
     except (tarfile.TarError, OSError, EOFError) as e:
-      raise errors.UserError(f"{path}: the tar is truncated or corrupt ({type(e).__name__}: "
+      raise cli.UserError(f"{path}: the tar is truncated or corrupt ({type(e).__name__}: "
                              f"{e}); download {TRAIN_TAR} again") from None
     for m in members:
       cls, ext = os.path.splitext(os.path.basename(m.name))
@@ -156,7 +156,7 @@ def _outer_tar_items(path: str, label_of: dict[str, int]) -> list[Item]:
         with tarfile.open(fileobj=outer.extractfile(m)) as inner:
           names = sorted(i.name for i in inner if i.isfile() and _is_image(i.name))
       except (tarfile.TarError, OSError, EOFError) as e:
-        raise errors.UserError(
+        raise cli.UserError(
             f"{path}: its member {m.name} is not a readable tar ({type(e).__name__}: {e}); "
             f"the download is corrupt: download {TRAIN_TAR} again") from None
       items += [Item(path, label_of[cls], f"{cls}/{os.path.basename(n)}", member=n,
@@ -166,7 +166,7 @@ def _outer_tar_items(path: str, label_of: dict[str, int]) -> list[Item]:
     what = (f"{images} image files directly (is it {VAL_TAR}? put it next to {TRAIN_TAR} "
             f"in a --src directory)" if images else
             f"{len(others)} other files (e.g. {others[:3]})" if others else "nothing")
-    raise errors.UserError(
+    raise cli.UserError(
         f"{path}: expected {TRAIN_TAR}, a tar of the 1000 per-class tars n01440764.tar ... "
         f"(WordNet ids of the tfds imagenet2012 labels); it holds {what}")
   if others:
@@ -358,7 +358,7 @@ def prepare(dataset: str, src: str, data_dir: str, name: str | None = None,
     keep = [dataclasses.replace(it, reencode=status_of[it.file_name] == "reencode")
             for it in split_items if not status_of[it.file_name].startswith("error")]
     if not keep:  # tfds would stop with "No examples were yielded"
-      raise errors.UserError(
+      raise cli.UserError(
           f"split {split}: none of its {len(split_items)} image(s) in {src} can be read"
           + (f" (e.g. {bad[0]}: "
              f"{status_of[split_items[0].file_name].removeprefix('error: ')})" if bad else "")
@@ -441,4 +441,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["dataset", "src", "data_dir"])
-  errors.run(main, workdir_flag=None)
+  cli.run(main, workdir_flag=None)

@@ -335,11 +335,11 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import flags
-  from structvit_jax import errors
+  from structvit_jax import cli
   flags.DEFINE_string("src", None, "Token labels: a folder or .zip of <class>/<stem>.pt.")
   flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared images.")
   flags.DEFINE_string("name", "imagenet2012", "tfds name of the prepared images.")
   flags.DEFINE_string("split", "train", "The split the labels are for.")
   flags.DEFINE_string("out", None, "Where to write (config.data.token_label_dir).")
   flags.mark_flags_as_required(["src", "data_dir", "out"])
-  errors.run(main, workdir_flag=None)
+  cli.run(main, workdir_flag=None)

@@ -45,7 +45,7 @@ from typing import Sequence
 
 from absl import flags
 
-from structvit_jax import errors
+from structvit_jax import cli
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 SSV2_LABELS = "something-something-v2-labels.json"
@@ -76,7 +76,7 @@ def _load_json(path: str) -> object:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def ssv2_classes(labels_json: str) -> list[str]:
@@ -85,10 +85,10 @@ def ssv2_classes(labels_json: str) -> list[str]:
   try:
     order = sorted((int(i), name) for name, i in labels.items())  # type: ignore[union-attr]
   except (AttributeError, TypeError, ValueError):
-    raise errors.UserError(f"{labels_json}: expected the SSv2 label file, a JSON object "
+    raise cli.UserError(f"{labels_json}: expected the SSv2 label file, a JSON object "
                            f"{{\"class name\": \"index\", ...}}") from None
   if [i for i, _ in order] != list(range(len(order))):
-    raise errors.UserError(f"{labels_json}: the indices are not 0..{len(order) - 1}")
+    raise cli.UserError(f"{labels_json}: the indices are not 0..{len(order) - 1}")
   return [name for _, name in order]
 
 
@@ -97,10 +97,10 @@ def ssv2_entries(annotation_json: str, classes: Sequence[str]) -> list[Entry]:
   data = _load_json(annotation_json)
   index = {name: i for i, name in enumerate(classes)}
   if not isinstance(data, list) or not all(isinstance(v, dict) and "id" in v for v in data):
-    raise errors.UserError(f"{annotation_json}: expected the SSv2 annotation file, a JSON list "
+    raise cli.UserError(f"{annotation_json}: expected the SSv2 annotation file, a JSON list "
                            f"of {{\"id\": ..., \"template\": ...}} objects")
   if data and "template" not in data[0]:
-    raise errors.UserError(f"{annotation_json}: its entries have no 'template' (labels); the "
+    raise cli.UserError(f"{annotation_json}: its entries have no 'template' (labels); the "
                            f"test set is unlabelled: give the train and validation files")
   out, unknown = [], set()
   for v in data:
@@ -110,7 +110,7 @@ def ssv2_entries(annotation_json: str, classes: Sequence[str]) -> list[Entry]:
       continue
     out.append(Entry((str(v["id"]),), index[name]))
   if unknown:
-    raise errors.UserError(f"{annotation_json}: {len(unknown)} template(s) not among the "
+    raise cli.UserError(f"{annotation_json}: {len(unknown)} template(s) not among the "
                            f"classes, e.g. {sorted(unknown)[:3]}: is --labels (or --classes) "
                            f"of the same release?")
   return out
@@ -122,14 +122,14 @@ def read_kinetics_csv(path: str) -> list[dict[str, str]]:
       rows = list(csv.DictReader(f))
       header = f"{','.join(rows[0])}" if rows else ""
   except OSError as e:
-    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
   if not rows or any(c not in rows[0] for c in K400_COLUMNS):
-    raise errors.UserError(f"{path}: expected the Kinetics CSV with the header "
+    raise cli.UserError(f"{path}: expected the Kinetics CSV with the header "
                            f"'label,youtube_id,time_start,time_end,split', got "
                            f"{header or 'no rows'!r}")
   empty = sum(not r["label"] for r in rows)
   if empty:
-    raise errors.UserError(f"{path}: {empty} row(s) without a label (the test set?); give "
+    raise cli.UserError(f"{path}: {empty} row(s) without a label (the test set?); give "
                            f"labelled files")
   return rows
 
@@ -139,12 +139,12 @@ def read_classes(path: str) -> list[str]:
   try:
     lines = [l.rstrip("\n") for l in open(path) if l.strip()]
   except OSError as e:
-    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
   pairs = [l.rsplit("\t", 1) for l in lines]
   if all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
     order = sorted((int(i), name.strip()) for name, i in pairs)
     if [i for i, _ in order] != list(range(len(order))):
-      raise errors.UserError(f"{path}: the indices are not 0..{len(order) - 1}")
+      raise cli.UserError(f"{path}: the indices are not 0..{len(order) - 1}")
     return [name for _, name in order]
   return [l.strip() for l in lines]
 
@@ -154,7 +154,7 @@ def kinetics_entries(rows: list[dict[str, str]], classes: Sequence[str], path: s
   index = {name: i for i, name in enumerate(classes)}
   unknown = sorted({r["label"] for r in rows} - set(index))
   if unknown:
-    raise errors.UserError(f"{path}: {len(unknown)} class(es) not in the class list, e.g. "
+    raise cli.UserError(f"{path}: {len(unknown)} class(es) not in the class list, e.g. "
                            f"{unknown[:3]}")
   out = []
   for r in rows:
@@ -169,7 +169,7 @@ def _read_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8-sig") as f:
       return f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def ssv1_classes(labels_csv: str) -> list[str]:
@@ -177,14 +177,14 @@ def ssv1_classes(labels_csv: str) -> list[str]:
   sorted, as TSM's gen_label_sthv1.py (module docstring)."""
   names = [l.strip() for l in _read_lines(labels_csv) if l.strip()]
   if not names:
-    raise errors.UserError(f"{labels_csv}: no class names (expected one label name a line)")
+    raise cli.UserError(f"{labels_csv}: no class names (expected one label name a line)")
   bad = [n for n in names if ";" in n]
   if bad:
-    raise errors.UserError(f"{labels_csv}: expected one label name a line, got {bad[0]!r} "
+    raise cli.UserError(f"{labels_csv}: expected one label name a line, got {bad[0]!r} "
                            f"(an 'id;label' list? pass the labels file as --labels)")
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:
-    raise errors.UserError(f"{labels_csv}: {len(dup)} name(s) listed twice, e.g. {dup[0]!r}")
+    raise cli.UserError(f"{labels_csv}: {len(dup)} name(s) listed twice, e.g. {dup[0]!r}")
   return sorted(names)
 
 
@@ -198,20 +198,20 @@ def ssv1_entries(list_csv: str, classes: Sequence[str]) -> list[Entry]:
       continue
     vid, sep, name = (x.strip() for x in line.partition(";"))
     if not sep or not name:
-      raise errors.UserError(f"{list_csv}:{lineno}: expected 'id;label name' (the SSv1 list "
+      raise cli.UserError(f"{list_csv}:{lineno}: expected 'id;label name' (the SSv1 list "
                              f"format), got {line!r}"
                              + ("; no label: the test set? give the train and validation "
                                 "lists" if not sep else ""))
     if not vid or "/" in vid or vid in (".", ".."):
-      raise errors.UserError(f"{list_csv}:{lineno}: {vid!r} is not a video id (expected "
+      raise cli.UserError(f"{list_csv}:{lineno}: {vid!r} is not a video id (expected "
                              f"'id;label name', got {line!r})")
     if name not in index:
-      raise errors.UserError(f"{list_csv}:{lineno}: label {name!r} is not among the "
+      raise cli.UserError(f"{list_csv}:{lineno}: label {name!r} is not among the "
                              f"{len(classes)} class names (is --labels / --classes of the "
                              f"same release?)")
     out.append(Entry((vid,), index[name]))
   if not out:
-    raise errors.UserError(f"{list_csv}: lists no videos (expected 'id;label name' lines)")
+    raise cli.UserError(f"{list_csv}: lists no videos (expected 'id;label name' lines)")
   return out
 
 
@@ -270,18 +270,18 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
   """Writes DATA_DIR/<list> for each {list file name: annotation file} and
   DATA_DIR/classes.txt (module docstring); returns what was written per list."""
   if dataset not in ("ssv1", "ssv2", "kinetics400"):
-    raise errors.UserError(f"--dataset={dataset}: 'ssv1', 'ssv2' or 'kinetics400'")
+    raise cli.UserError(f"--dataset={dataset}: 'ssv1', 'ssv2' or 'kinetics400'")
   if not annotations:
-    raise errors.UserError("give at least one annotation file: --train=... and/or --val=...")
+    raise cli.UserError("give at least one annotation file: --train=... and/or --val=...")
   if not os.path.isdir(data_dir):
-    raise errors.UserError(f"--data_dir={data_dir} is not a directory (the one holding the "
+    raise cli.UserError(f"--data_dir={data_dir} is not a directory (the one holding the "
                            f"videos, where the list files are written)")
   for name, src in annotations.items():
     if not os.path.isfile(src):
-      raise errors.UserError(f"annotation file {src} not found")
+      raise cli.UserError(f"annotation file {src} not found")
     out = os.path.join(data_dir, name)
     if os.path.exists(out) and os.path.samefile(out, src):
-      raise errors.UserError(f"{src} would be overwritten by the list {name}: keep the "
+      raise cli.UserError(f"{src} would be overwritten by the list {name}: keep the "
                              f"annotations outside --data_dir or under another name")
   if dataset == "ssv1":
     if classes:
@@ -290,7 +290,7 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
       labels = labels or os.path.join(os.path.dirname(next(iter(annotations.values()))),
                                       SSV1_LABELS)
       if not os.path.isfile(labels):
-        raise errors.UserError(f"{labels} not found: pass --labels=.../{SSV1_LABELS}")
+        raise cli.UserError(f"{labels} not found: pass --labels=.../{SSV1_LABELS}")
       names = ssv1_classes(labels)
     entries = {n: ssv1_entries(src, names) for n, src in annotations.items()}
   elif dataset == "ssv2" and classes:
@@ -300,7 +300,7 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
     labels = labels or os.path.join(os.path.dirname(next(iter(annotations.values()))),
                                     SSV2_LABELS)
     if not os.path.isfile(labels):
-      raise errors.UserError(f"{labels} not found: pass --labels=.../{SSV2_LABELS}")
+      raise cli.UserError(f"{labels} not found: pass --labels=.../{SSV2_LABELS}")
     names = ssv2_classes(labels)
     entries = {n: ssv2_entries(src, names) for n, src in annotations.items()}
   else:
@@ -329,7 +329,7 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
                if dataset == "ssv1" else
                f"among the {len(found)} video files under {root} (looked for names such as "
                f"{e[0].names[0]}.mp4/.webm/...): point --data_dir (or --videos) at the videos")
-      raise errors.UserError(f"none of the {len(e)} videos of {src} found {where}")
+      raise cli.UserError(f"none of the {len(e)} videos of {src} found {where}")
   prefix = os.path.relpath(root, data_dir)
   written = [write_list(e, found, os.path.join(data_dir, n), "" if prefix == "." else prefix)
              for n, e in entries.items()]
@@ -381,4 +381,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  errors.run(main, workdir_flag=None)
+  cli.run(main, workdir_flag=None)

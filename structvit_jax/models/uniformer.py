@@ -107,7 +107,7 @@ class UniFormer(nn.Module):
   Input [B, H, W, 3] or [B, T, H, W, 3] (already normalised); returns logits [B, classes]
   (float32). With `token_labeling` the output is the official eval rule
   head(mean) + 0.5 * max_tokens(aux_head(tokens)); token-labeling training
-  (structvit_jax/token_labeling.py, docs/token_labeling.md) calls it with `dense=True` for
+  (structvit_jax/token_label_loss.py, docs/token_labeling.md) calls it with `dense=True` for
   (head(mean) [B, classes], aux_head(tokens) [B, N, classes]) and with `mix_box`, MixToken's
   box on the last stage's token grid (int32 [y0, x0, y1, x1]): the stage-1 tokens under it
   are swapped with those of the batch flipped along its first axis, and the aux logits

@@ -1,5 +1,5 @@
-"""Metric logging: TensorBoard event files (tensorboardX, process 0 only) and a console
-progress line with throughput and ETA."""
+"""The run log: TensorBoard event files (tensorboardX, process 0 only), eval_results.jsonl,
+and the console lines (training progress with throughput and ETA; eval results)."""
 
 import json
 import os
@@ -10,19 +10,6 @@ from absl import logging
 import jax
 
 from structvit_jax import paths
-
-
-class WriteError(OSError):
-  """A run file that could not be written (disk full, permissions); names path and cause."""
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` so that a reader (or a run killed half-way, or a full disk) sees
-  the old file or the new one, never a truncated one (paths.write_atomic: local or gs://)."""
-  try:
-    paths.write_atomic(path, text)
-  except OSError as e:
-    raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def read_eval_records(workdir: str) -> list[dict]:
@@ -86,7 +73,7 @@ class MetricWriter:
       if old and not old.endswith("\n"):
         old += "\n"
       record = {"step": int(step), **{k: float(v) for k, v in results.items()}}
-      write_atomic(path, old + json.dumps(record) + "\n")
+      paths.write_atomic(path, old + json.dumps(record) + "\n")
       self.sync()
 
   def text(self, tag: str, value: str, step: int = 0) -> None:
@@ -148,6 +135,7 @@ class Progress:
 
 
 def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
+  """The training progress line: a bar, the averaged metrics, throughput, data wait, ETA."""
   width = 20
   done = int(width * step / max(total, 1))
   bar = "#" * done + "." * (width - done)
@@ -156,6 +144,16 @@ def console_line(step: int, total: int, m: Mapping[str, float]) -> str:
           f"{m['examples_per_sec']:.1f} ex/s {m['step_time'] * 1e3:.0f} ms/step "
           + (f"data_wait {m['data_wait']:.0%} " if "data_wait" in m else "")
           + f"ETA {m['eta_min']:.1f} min")
+
+
+def eval_line(prefix: str, step: int, m: Mapping[str, float]) -> str:
+  """An eval's console line from its result (evaluation.py's metrics)."""
+  extra = f" mean_class_top1 {m['mean_class_top1']:.4f}" if "mean_class_top1" in m else ""
+  bad = int(m.get("bad_examples", 0))
+  return (f"{prefix} step {step}: loss {m['loss']:.4f} top1 {m['top1']:.4f} top5 "
+          f"{m['top5']:.4f}{extra} over {int(m['count'])} "
+          + ("videos" if "views" in m else "examples")
+          + (f" ({bad} unreadable, left out)" if bad else ""))
 
 
 def log_console(line: str) -> None:

@@ -256,7 +256,7 @@ def _unraisable_to_log(unraisable: Any) -> None:
 
 def quiet_library_logs(workdir: str | None = None) -> None:
   """Routes library records and unraisable exceptions to WORKDIR/library.log (command lines
-  call it; errors.run sets the workdir once the flags are parsed)."""
+  call it; cli.run sets the workdir once the flags are parsed)."""
   from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryNoise) for f in handler.filters):

@@ -1,8 +1,8 @@
 """Parameters and GFLOPs (multiply-adds, as the paper counts) of a model preset.
 
-  python -m structvit_jax.tools.model_stats --model=structvit_s_4_1
-  python -m structvit_jax.tools.model_stats --model=structvit_s_4_1 --frames=16 --num_classes=400
-  python -m structvit_jax.tools.model_stats --model=deit_s --json \
+  python -m structvit_jax.model_stats --model=structvit_s_4_1
+  python -m structvit_jax.model_stats --model=structvit_s_4_1 --frames=16 --num_classes=400
+  python -m structvit_jax.model_stats --model=deit_s --json \
       --set "structsa={'d': 4, 'aggregation': 'element'}"
 
 Nothing is allocated: parameters come from `jax.eval_shape`, MACs from the jaxpr
