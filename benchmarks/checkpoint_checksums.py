@@ -34,7 +34,7 @@ def main(argv=None) -> None:
   import numpy as np
   from structvit_jax import checkpoint as ckpt_lib
   from structvit_jax import checksums
-  from structvit_jax import optim, train
+  from structvit_jax import optim, train_state
   spec = importlib.util.spec_from_file_location("config", a.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -42,9 +42,9 @@ def main(argv=None) -> None:
   size = config.data.image_size
   frames = config.data.get("num_frames", 0)
   shape = ((frames,) if frames else ()) + (size, size, 3)
-  model = train.build_model(config, a.num_classes)
+  model = train_state.build_model(config, a.num_classes)
   tx = optim.make_optimizer(config, optim.make_schedule(config, 100, 10))
-  init = functools.partial(train.init_state, model=model, tx=tx, input_shape=shape,
+  init = functools.partial(train_state.init_state, model=model, tx=tx, input_shape=shape,
                            ema=config.ema_decay > 0)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   rng = np.random.RandomState(0)

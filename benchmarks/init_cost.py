@@ -1,6 +1,6 @@
 """Where the trainer's init goes: tracing, lowering, XLA compile and run of `init_state`
-(train.py) for a config's model, at the training input size or another, with XLA's default
-options or the trainer's (train.init_compiler_options). No persistent cache.
+(train_state.py) for a config's model, at the training input size or another, with XLA's default
+options or the trainer's (train_state.init_compiler_options). No persistent cache.
 
   python benchmarks/init_cost.py --config=configs/in1k_s.py --num_classes=1000
   python benchmarks/init_cost.py --config=configs/in1k_s.py --num_classes=1000 --size=32
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
   ap.add_argument("--options", choices=("default", "trainer"), default="default")
   a = ap.parse_args(argv)
   import jax
-  from structvit_jax import optim, train
+  from structvit_jax import optim, train_state
   spec = importlib.util.spec_from_file_location("config", a.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -32,12 +32,12 @@ def main(argv=None) -> None:
   size = a.size or config.data.image_size
   frames = config.data.get("num_frames", 0)
   shape = ((frames,) if frames else ()) + (size, size, 3)
-  model = train.build_model(config, a.num_classes)
+  model = train_state.build_model(config, a.num_classes)
   tx = optim.make_optimizer(config, optim.make_schedule(config, 100, 10))
-  init = functools.partial(train.init_state, model=model, tx=tx, input_shape=shape,
+  init = functools.partial(train_state.init_state, model=model, tx=tx, input_shape=shape,
                            ema=config.ema_decay > 0)
   rng = jax.random.PRNGKey(config.seed)
-  options = train.init_compiler_options() if a.options == "trainer" else {}
+  options = train_state.init_compiler_options() if a.options == "trainer" else {}
   t0 = time.perf_counter()
   jax.eval_shape(init, rng)  # the trace (_Setup's abstract state); the lowering reuses it
   t1 = time.perf_counter()

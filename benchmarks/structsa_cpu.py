@@ -66,10 +66,10 @@ def build(preset: str, overrides: dict, shape, classes: int, attention_impl: str
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(*shape), jnp.float32)
   y = jnp.asarray(np.arange(shape[0]) % classes)
-  from structvit_jax import train as train_lib
+  from structvit_jax import train_state
   init = jax.jit(lambda k: model.init(k, x[:1]))
   variables = init.lower(jax.random.PRNGKey(0)).compile(
-      train_lib.init_compiler_options())(jax.random.PRNGKey(0))
+      train_state.init_compiler_options())(jax.random.PRNGKey(0))
   params = variables["params"]
   extra = {k: v for k, v in variables.items() if k != "params"}  # UniFormer: batch_stats
   tx = optax.adamw(1e-3, weight_decay=0.05)

@@ -180,12 +180,12 @@ def kernel_movement(config, params) -> dict:
   """How far training moved U^K and U^V (averages over the layers): their off-centre energy
   share at init and after training (a centre-tap kernel is SA's identity: share 0; a
   uniform random 3x3x3 kernel: ~26/27), and |U - U0| / |U0|. U0 is the trainer's init,
-  recomputed from the seed (train.init_state's key split). Empty for SA."""
+  recomputed from the seed (train_state.init_state's key split). Empty for SA."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import traverse_util
-  from structvit_jax import train
+  from structvit_jax import train_state
   flat = lambda p: {k: np.asarray(v) for k, v in traverse_util.flatten_dict(p).items()  # noqa
                     if k[-1] in ("u_k", "u_v")}
   final = flat(params)
@@ -193,7 +193,7 @@ def kernel_movement(config, params) -> dict:
     return {}
   shape = (config.data.num_frames, config.data.image_size, config.data.image_size, 3)
   params_rng, dropout_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  model = train.build_model(config, 8)
+  model = train_state.build_model(config, 8)
   init = flat(jax.jit(lambda: model.init({"params": params_rng, "dropout": dropout_rng},
                                          jnp.zeros((1, *shape)), train=False))()["params"])
   out = {}

@@ -8,10 +8,11 @@
   JAX_PLATFORMS=cpu python benchmarks/throughput.py --model=structvit_tiny --image_size=32 \
       --batch=8 --steps=1 --warmup=1 --json                                   # CI smoke run
 
-The step is the trainer's own: `train.train_step` (AdamW from `optim.make_optimizer`, mixup /
-cutmix / label smoothing of configs/base.py, fp32 params with --dtype compute, state donated)
-and `train.eval_step` for inference, jitted over a ('data',) mesh of all local devices with
-the global --batch split along it, exactly as `train._Setup` wires them.
+The step is the trainer's own: `train_state.train_step` (AdamW from `optim.make_optimizer`,
+mixup / cutmix / label smoothing of configs/base.py, fp32 params with --dtype compute, state
+donated) and `train_state.eval_step` for inference, jitted over a ('data',) mesh of all local
+devices with the global --batch split along it by the trainer's own `train_state.make_init`,
+`jit_train_step` and `jit_eval_step`.
 
 Timing: compile once (ahead of time, so the memory analysis is of the executable that runs),
 run --warmup steps, then --steps steps in --windows windows with one block_until_ready at the
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -50,7 +50,7 @@ from structvit_jax import config_utils
 from structvit_jax import flops as flops_lib
 from structvit_jax import optim
 from structvit_jax import sharding as shard_lib
-from structvit_jax import train as train_lib
+from structvit_jax import train_state
 from structvit_jax.models import PRESETS, list_models, model_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,29 +142,20 @@ class Bench:
     self.case, self.batch, self.mesh = case, batch, mesh
     self.config = c = make_config(a, case, batch)
     self.num_classes = num_classes(case)
-    self.model = train_lib.build_model(c, self.num_classes)
+    self.model = train_state.build_model(c, self.num_classes)
     # What train._Setup does after building its inputs (the dataset is the only thing missing).
     schedule = optim.make_schedule(c, c.num_train_steps, 1000)
     tx = optim.make_optimizer(c, schedule)
-    init = functools.partial(train_lib.init_state, model=self.model, tx=tx,
-                             input_shape=case.input_shape, ema=c.ema_decay > 0)
-    rng = jax.random.PRNGKey(0)
-    shardings = shard_lib.state_shardings(jax.eval_shape(init, rng), mesh, c.fsdp)
-    self.state = jax.jit(init, out_shardings=shardings)(rng)
-    repl = shard_lib.replicated(mesh)
-    self.data_sharding = data = shard_lib.batch_sharding(mesh)
+    _, shardings, init = train_state.make_init(c, self.model, tx, case.input_shape, mesh, 0)
+    self.state = init()
+    self.data_sharding = shard_lib.batch_sharding(mesh)
     # The trainer's inputs are uint8, normalised in the step with the dataset's constants.
     from structvit_jax.data import pipeline
     spec = pipeline.get_dataset(c, c.data.train_split, train=True)
     norm = pipeline.device_side(spec.transforms)[1]
-    self.train_fn = jax.jit(
-        functools.partial(train_lib.train_step, model=self.model, tx=tx, schedule=schedule,
-                          config=c, num_classes=self.num_classes, normalization=norm),
-        in_shardings=(shardings, data), out_shardings=(shardings, repl), donate_argnums=0)
-    self.eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=self.model,
-                                             normalization=norm),
-                           in_shardings=(shardings.params, shardings.batch_stats, data),
-                           out_shardings=repl)
+    self.train_fn = train_state.jit_train_step(c, self.model, tx, schedule, self.num_classes,
+                                               norm, shardings, mesh)
+    self.eval_fn = train_state.jit_eval_step(self.model, norm, shardings, mesh)
     self.batches = [self._random_batch(jax.random.PRNGKey(i)) for i in range(2)]
 
   def _random_batch(self, key) -> dict[str, jax.Array]:

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from structvit_jax import checksums as checksums_lib
 from structvit_jax import cli
 from structvit_jax import paths
+from structvit_jax.workdir import Workdir
 
 _single_process_handler = False
 
@@ -231,8 +232,7 @@ def verify(path: str) -> tuple[list[str], bool]:
     return [f"export {path}: " + (f"ok: {n} arrays match their checksums" if verified else
             f"unverified: {n} arrays restore; no {checksums.EXPORT_FILE} (written before "
             "checksums were kept)")], True
-  directory = os.path.join(path, "checkpoints")
-  directory = directory if paths.isdir(directory) else path
+  directory = Workdir(path).checkpoints_or_self()
   steps = list_steps(directory)
   if not steps:
     raise CheckpointError(f"no checkpoint in {directory} (nor an export: no model.json in "

@@ -13,11 +13,14 @@ code (its checks of configs and inputs raise those, with a message meant for the
 
 from __future__ import annotations
 
+import ast
 import datetime
 import os
 import sys
 import traceback
 from typing import Any, Callable, Sequence
+
+from structvit_jax.workdir import Workdir
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,7 +87,7 @@ def _write_log(workdir: str | None, argv: Sequence[str]) -> str | None:
   from structvit_jax import paths
   if not workdir:
     return None
-  path = os.path.join(workdir, "error.log")
+  path = Workdir(workdir).error_log
   try:
     if not paths.isdir(workdir):
       return None
@@ -156,7 +159,7 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
       workdir = FLAGS[workdir_flag].value
     if workdir and any(isinstance(f, _LibraryNoise)
                        for f in _absl_handler().filters):
-      library_log.set_path(os.path.join(workdir, LIBRARY_LOG))
+      library_log.set_path(Workdir(workdir).library_log)
     try:
       return main(args)
     except (SystemExit, KeyboardInterrupt):
@@ -176,7 +179,6 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
 # was never retrieved", e.g. the background writes of a save to a full disk, which
 # checkpoint.py reports as one error line) and TensorStore's callbacks into a closed event
 # loop (unraisable exceptions). With --verbose they are also shown on the console.
-LIBRARY_LOG = "library.log"
 _LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "asyncio", "tensorstore",
                                                            "etils"))
 # Warnings that are not worth even the log file: a sub-item without _CHECKPOINT_METADATA
@@ -264,4 +266,19 @@ def quiet_library_logs(workdir: str | None = None) -> None:
   if not _verbose(sys.argv):
     sys.unraisablehook = _unraisable_to_log
   if workdir:
-    library_log.set_path(os.path.join(workdir, LIBRARY_LOG))
+    library_log.set_path(Workdir(workdir).library_log)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """`--set FIELD=VALUE` flags -> get_model overrides; values are Python literals, or bare
+  strings such as aggregation=element."""
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set d=8")
+    key, value = item.split("=", 1)
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from structvit_jax import config_utils, weights
+from structvit_jax import cli, weights
 from structvit_jax.data.preprocessing import default_spec
 from structvit_jax.models import TimeSformer, get_model
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     sd = weights.load_torch_file(args.src)
-    kw, variables, spec = convert_state_dict(sd, args.model, config_utils.parse_overrides(args.set),
+    kw, variables, spec = convert_state_dict(sd, args.model, cli.parse_overrides(args.set),
                                              args.num_classes, args.image_size, args.num_frames)
     names = None
     if args.class_names:

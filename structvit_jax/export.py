@@ -26,6 +26,7 @@ from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import cli
 from structvit_jax import inference
 from structvit_jax import paths
+from structvit_jax.workdir import Workdir
 
 
 class ExportError(cli.UserError, RuntimeError):
@@ -34,15 +35,15 @@ class ExportError(cli.UserError, RuntimeError):
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The finished checkpoint steps of a training workdir (Orbax's listing)."""
-  return ckpt_lib.list_steps(os.path.join(workdir, "checkpoints"))
+  return ckpt_lib.list_steps(Workdir(workdir).checkpoints)
 
 
 def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
   import jax
-  from structvit_jax import train
+  from structvit_jax import train_state
   from structvit_jax.data.preprocessing import eval_spec
-  model = train.build_model(config, num_classes)
+  model = train_state.build_model(config, num_classes)
   spec = eval_spec(config.data)
   size = spec["image_size"]
   shape = ((spec["num_frames"], size, size, 3) if spec["num_frames"] > 0
@@ -58,7 +59,8 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
                      steps: list[int]) -> dict[str, Any]:
   """The arrays of checkpoint `step`, after checking they are complete and are the
   recorded model's; else ExportError naming the step, why, and the --step to try."""
-  step_dir = os.path.join(paths.abspath(workdir), "checkpoints", str(step))
+  checkpoints = Workdir(paths.abspath(workdir)).checkpoints
+  step_dir = os.path.join(checkpoints, str(step))
   older = [s for s in steps if s < step]
   hint = f"; export an older step with --step={older[-1]}" if older else ""
   bad = ckpt_lib.unusable_reason(step_dir, with_data_iter=False)
@@ -82,15 +84,15 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
       where=f"checkpoint step {step}")
   if diff:
     raise ExportError(f"checkpoint step {step} in {workdir} does not fit the recorded model "
-                      f"{config.model.name} ({os.path.join(workdir, 'config.json')}): {diff}")
+                      f"{config.model.name} ({Workdir(workdir).config_json}): {diff}")
   try:
-    return ckpt_lib.read_step_arrays(os.path.join(paths.abspath(workdir), "checkpoints"), step)
+    return ckpt_lib.read_step_arrays(checkpoints, step)
   except ckpt_lib.CheckpointError as e:
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {e}{hint}") from None
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
+  path = Workdir(workdir).config_json
   if not paths.isfile(path):
     raise ExportError(
         f"{path} not found: the model config is written there when training starts "
@@ -166,7 +168,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   """Writes the export of `workdir` to `out`: Orbax params, model.json, model.stablehlo
   (unless stablehlo=False), model.onnx (onnx=True) and the model card README.md
   (serving_export.py); returns a one-line summary."""
-  from structvit_jax import train
+  from structvit_jax import train_state
   from structvit_jax.data.preprocessing import eval_spec, eval_views
   paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
   if paths.exists(out) and not paths.isdir(out):
@@ -191,7 +193,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   names = class_names(config)
   if names is not None and len(names) != num_classes:
     names = None  # e.g. a dataset with config.data.num_classes overriding its label list
-  kwargs = train.model_kwargs(config, num_classes)
+  kwargs = train_state.model_kwargs(config, num_classes)
   inference.save_export(out, config.model.name, kwargs,
                         {"params": params, "batch_stats": state.get("batch_stats") or {}},
                         {**eval_spec(config.data), **eval_views(config.data)}, names,

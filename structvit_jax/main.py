@@ -8,7 +8,6 @@ A mistake in the flags or config is one `error:` line and exit status 2; a fault
 (config.compilation_cache_dir, structvit_jax/compile_cache.py): a restart compiles nothing.
 """
 
-import difflib
 import os
 import sys
 import uuid
@@ -20,9 +19,10 @@ import jax
 from ml_collections import config_flags
 
 from structvit_jax import compile_cache
-from structvit_jax import config_utils
 from structvit_jax import cli
+from structvit_jax import config_checks
 from structvit_jax import train
+from structvit_jax.workdir import Workdir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -32,53 +32,6 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _nearest(name: str, valid: list[str]) -> str:
-  near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-  return f"did you mean {', '.join(near)}? " if near else ""
-
-
-def check_config(config) -> None:
-  """The mistakes that can be named before anything is built (cli.UserError)."""
-  from structvit_jax import models
-  from structvit_jax.data import pipeline
-  valid = models.list_models()
-  if config.model.name not in valid:
-    raise cli.UserError(
-        f"--config.model.name={config.model.name}: unknown model; "
-        f"{_nearest(config.model.name, valid)}valid names: {', '.join(valid)}")
-  datasets = sorted(pipeline._BUILDERS)
-  if config.data.name not in datasets:
-    raise cli.UserError(
-        f"--config.data.name={config.data.name}: unknown dataset; "
-        f"{_nearest(config.data.name, datasets)}valid names: {', '.join(datasets)}")
-  if config.batch_size <= 0:
-    raise cli.UserError(f"--config.batch_size={config.batch_size}: must be positive")
-  if config.eval_batch_size < 0:
-    raise cli.UserError(f"--config.eval_batch_size={config.eval_batch_size}: must be "
-                           ">= 0 (0: the training batch size)")
-  if config.grad_accum_steps <= 0:
-    raise cli.UserError(f"--config.grad_accum_steps={config.grad_accum_steps}: must be "
-                           "positive")
-  if not config.distributed.enabled:  # multi-host: counted after jax.distributed starts
-    ndev = jax.device_count()
-    eval_bs = config.eval_batch_size or config.batch_size
-    for name, bs in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
-      if bs % ndev:
-        raise cli.UserError(
-            f"--config.{name}={bs}: must be divisible by the {ndev} devices "
-            f"(e.g. --config.{name}={max(ndev, bs // ndev * ndev)})")
-  if "://" in config.data.get("data_dir", ""):
-    raise cli.UserError(
-        f"--config.data.data_dir={config.data.data_dir}: datasets are read from a local "
-        "disk or a mount (NFS, gcsfuse), not from a URL; copy the prepared dataset there")
-  if config.data.name.startswith("synthetic_"):  # sizes known without reading data
-    n = config.data.train_examples
-    if not config.eval_only and config.batch_size > n:
-      raise cli.UserError(
-          f"--config.batch_size={config.batch_size}: larger than the {n} training examples "
-          f"(config.data.train_examples); lower it or raise train_examples")
 
 
 def check_remote_workdir(workdir: str) -> None:
@@ -131,7 +84,7 @@ def main(argv):
     config.distributed.num_processes = FLAGS.num_processes
   if FLAGS.process_id is not None:
     config.distributed.process_id = FLAGS.process_id
-  check_config(config)
+  config_checks.check_config(config)
   check_workdir(FLAGS.workdir)
   cache_dir = compile_cache.setup(config.get("compilation_cache_dir", "auto"))
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config"))
@@ -141,7 +94,7 @@ def main(argv):
   else:
     # The trainer writes every value to WORKDIR/config.json: the log names the flags only.
     logging.info("Config: %s; all values in %s", overrides,
-                 os.path.join(FLAGS.workdir, "config.json"))
+                 Workdir(FLAGS.workdir).config_json)
     train.train_and_evaluate(config, FLAGS.workdir)
   counts = compile_cache.counts()
   logging.info("Compilation cache %s: %d XLA programs, %d read from the cache, %d compiled",
@@ -153,4 +106,4 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.quiet_library_logs()
-  cli.run(main, check_argv=config_utils.check_config_argv)
+  cli.run(main, check_argv=config_checks.check_config_argv)

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 
 from structvit_jax import flops
-from structvit_jax.config_utils import parse_overrides
+from structvit_jax.cli import parse_overrides
 from structvit_jax.models import get_model, list_models
 
 _MODEL = flags.DEFINE_string("model", None, f"preset: {', '.join(list_models())}")

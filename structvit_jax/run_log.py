@@ -10,11 +10,12 @@ from absl import logging
 import jax
 
 from structvit_jax import paths
+from structvit_jax.workdir import Workdir
 
 
 def read_eval_records(workdir: str) -> list[dict]:
   """The records of <workdir>/eval_results.jsonl (empty when there is none)."""
-  path = os.path.join(workdir, "eval_results.jsonl")
+  path = Workdir(workdir).eval_results
   if not paths.isfile(path):
     return []
   return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
@@ -43,7 +44,7 @@ class MetricWriter:
         # time in seconds and the host) from replacing each other's file in the bucket.
         self.writer = SummaryWriter(logdir=self._local_dir, filename_suffix=f".{os.getpid()}")
       else:
-        self.writer = SummaryWriter(logdir=f"{workdir}/tensorboard")
+        self.writer = SummaryWriter(logdir=Workdir(workdir).tensorboard)
 
   def sync(self) -> None:
     """Copies the local event files of a gs:// workdir to <workdir>/tensorboard."""
@@ -52,7 +53,7 @@ class MetricWriter:
     self.writer.flush()
     for name in os.listdir(self._local_dir):
       paths.copy_file(os.path.join(self._local_dir, name),
-                      f"{self.workdir}/tensorboard/{name}")
+                      os.path.join(Workdir(self.workdir).tensorboard, name))
     self._synced_at = time.monotonic()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -68,7 +69,7 @@ class MetricWriter:
     """Appends {'step', **results} to <workdir>/eval_results.jsonl (scripts, notebooks)."""
     if self.writer is not None:
       # Rewritten whole and renamed (write_atomic): a full disk never truncates the records.
-      path = os.path.join(self.workdir, "eval_results.jsonl")
+      path = Workdir(self.workdir).eval_results
       old = paths.read_text(path) if paths.isfile(path) else ""
       if old and not old.endswith("\n"):
         old += "\n"

@@ -221,11 +221,11 @@ def load_source(path: str) -> dict[Path, np.ndarray]:
   """Our variables from an export dir (model.json + params/) or a training checkpoint dir
   (<dir>/<step>/state, the newest step; its params, not EMA)."""
   from structvit_jax import checkpoint, inference, paths
+  from structvit_jax.workdir import Workdir
   if paths.isfile(os.path.join(path, "model.json")):
     tree = inference.restore_export_arrays(path)
   else:  # a training checkpoint: <dir>/<step>/state (checkpoint.py), or a workdir holding it
-    ckdir = os.path.join(path, "checkpoints")
-    ckdir = ckdir if paths.isdir(ckdir) else path
+    ckdir = Workdir(path).checkpoints_or_self()
     steps = checkpoint.list_steps(ckdir)
     if not steps:
       raise FileNotFoundError(f"init_from: {path} is neither a file, an export (model.json) "

@@ -25,7 +25,7 @@ from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import checksums
 from structvit_jax import cli
 from structvit_jax import optim
-from structvit_jax import train
+from structvit_jax import train_state
 from test_train import REPO, tiny_config
 
 STEPS = (5, 10, 15)
@@ -58,10 +58,10 @@ def _iterator():
 
 def _abstract_state():
   config = tiny_config(**{"model.name": "deit_tiny", "model.kwargs.depth": 1})
-  model = train.build_model(config, 10)
+  model = train_state.build_model(config, 10)
   schedule = optim.make_schedule(config, 20, 16)
   tx = optim.make_optimizer(config, schedule)
-  return jax.eval_shape(lambda r: train.init_state(r, model, tx, (32, 32, 3), ema=True),
+  return jax.eval_shape(lambda r: train_state.init_state(r, model, tx, (32, 32, 3), ema=True),
                         jax.random.PRNGKey(0))
 
 

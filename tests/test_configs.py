@@ -175,12 +175,12 @@ def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
   as that model (a tiny-width copy, so that the export is small)."""
   import json
   import numpy as np
-  from structvit_jax import inference, train
+  from structvit_jax import inference, train_state
   c = load("in1k_s.py:d=8,stride=2")
   with c.unlocked():
     c.model.kwargs.depth, c.model.kwargs.embed_dim = (1, 1, 1, 1), (16, 32, 64, 64)
     c.model.kwargs.head_dim = 32
-  kwargs = train.model_kwargs(c, 10)
+  kwargs = train_state.model_kwargs(c, 10)
   model = get_model(c.model.name, **kwargs)
   x = jnp.ones((1, 32, 32, 3))
   # jit: op-by-op (eager) init and apply compile every op of the model on its own.
@@ -200,10 +200,10 @@ def test_variant_export_records_and_rebuilds_the_real_variant(tmp_path):
 def test_old_config_json_with_flat_structsa_fields_builds_its_variant():
   """A workdir's config.json from before StructSAConfig holds model.kwargs.d, .stride, ..."""
   import ml_collections
-  from structvit_jax import train
+  from structvit_jax import train_state
   old = load("in1k_s.py").to_dict()
   old["model"]["kwargs"] = dict(num_classes=1000, drop_path_rate=0.1, d=8, stride=2,
                                 kernel_size=3, aggregation="element", implementation="reference")
-  model = train.build_model(ml_collections.ConfigDict(old), 1000)
+  model = train_state.build_model(ml_collections.ConfigDict(old), 1000)
   assert (model.structsa.d, model.structsa.stride, model.structsa.aggregation,
           model.structsa.form) == (8, 2, "element", "reference")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structvit_jax import device_input, optim, train
+from structvit_jax import device_input, optim, train, train_state
 from structvit_jax.config_utils import import_sibling
 from structvit_jax.data import create_input, pipeline
 
@@ -90,13 +90,13 @@ def test_uint8_batches_give_the_float_loss():
   floats = next(create_input(c, "train", 8, seed=3).iterator)
   inp = create_input(c, "train", 8, seed=3, uint8=True)
   ints = next(inp.iterator)
-  model = train.build_model(c, inp.num_classes)
+  model = train_state.build_model(c, inp.num_classes)
   schedule = optim.make_schedule(c, 10, 8)
   tx = optim.make_optimizer(c, schedule)
-  state = train.init_state(jax.random.PRNGKey(0), model, tx, inp.input_shape, ema=False)
+  state = train_state.init_state(jax.random.PRNGKey(0), model, tx, inp.input_shape, ema=False)
   losses = []
   for batch, norm in ((floats, None), (ints, inp.normalization)):
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+    step = jax.jit(functools.partial(train_state.train_step, model=model, tx=tx, schedule=schedule,
                                      config=c, num_classes=inp.num_classes,
                                      normalization=norm))
     _, m = step(state, {k: batch[k] for k in ("image", "label")})
@@ -160,7 +160,7 @@ def test_checkpoint_holds_the_position_of_the_batches_the_steps_took(tmp_path, m
     return state.replace(step=state.step + 1), dict(loss=zero, grad_norm=zero, lr=zero,
                                                     top1=zero, top5=zero)
 
-  monkeypatch.setattr(train, "train_step", step)
+  monkeypatch.setattr(train_state, "train_step", step)
   monkeypatch.setattr(train, "_eval_and_log", lambda *a: {"eval/top1": 0.0})
   c = _demo(batch_size=8, num_train_steps=3, checkpoint_every_steps=3, log_every_steps=1)
   c.model.name = "deit_tiny"

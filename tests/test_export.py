@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from structvit_jax import device_input, export, inference, train
+from structvit_jax import device_input, export, inference, train, train_state
 from structvit_jax.data import synthetic, video
 from structvit_jax.models import get_model
 
@@ -82,7 +82,7 @@ def test_export_serving_files_and_model_card(run):
 
 def test_logits_and_eval_top1_match_trainer(run):
   config, _, state, ev, _, pred = run
-  model = train.build_model(config, 10)
+  model = train_state.build_model(config, 10)
   variables = {"params": state.ema_params, "batch_stats": state.batch_stats}
   inp = train.create_input(config, "eval", 16, config.seed)
   correct = count = 0.0

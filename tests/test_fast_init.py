@@ -1,5 +1,5 @@
 """The trainer's start-up: the init program's XLA options keep the parameters bit-identical;
-the init overlapped with the train-step compile (train._init_overlapped) and the eval
+the init overlapped with the train-step compile (startup.init_overlapped) and the eval
 step's background compile raise a failure in the caller; a compile ahead of time leaves
 nothing for the first call to compile."""
 
@@ -14,15 +14,16 @@ import pytest
 
 from structvit_jax import compile_cache
 from structvit_jax import sharding as shard_lib
-from structvit_jax import train
+from structvit_jax import startup
+from structvit_jax import train_state
 from structvit_jax.models import get_model
 from structvit_jax.models.structsa import StructSA, StructSAConfig
 
 
 def _trainer_init(name, input_shape):
-  """train.init_state of a zoo model (params, optimiser state, ...)."""
+  """train_state.init_state of a zoo model (params, optimiser state, ...)."""
   model = get_model(name, num_classes=5, depth=1)  # one block: fewer parameters to compile
-  return functools.partial(train.init_state, model=model, tx=optax.sgd(0.1),
+  return functools.partial(train_state.init_state, model=model, tx=optax.sgd(0.1),
                            input_shape=input_shape, ema=False)
 
 
@@ -38,13 +39,13 @@ def _structsa_init(rng):
 def test_init_options_give_bit_identical_params(case):
   """_Setup.init's program (init_compiler_options) == jax.jit's defaults, bit for bit: a
   DeiT on images, a TimeSformer on clips, a StructSA layer (U^K, U^V) on a video grid."""
-  if not train.init_compiler_options():
+  if not train_state.init_compiler_options():
     pytest.skip("XLA's defaults on this backend: nothing to compare")
   init = {"deit_tiny": lambda: _trainer_init("deit_tiny", (16, 16, 3)),
           "timesformer_tiny": lambda: _trainer_init("timesformer_tiny", (4, 32, 32, 3)),
           "structsa": lambda: _structsa_init}[case]()
   rng = jax.random.PRNGKey(3)
-  fast = jax.jit(init).lower(rng).compile(train.init_compiler_options())(rng)
+  fast = jax.jit(init).lower(rng).compile(train_state.init_compiler_options())(rng)
   ref = jax.jit(init)(rng)
   fast, ref = jax.device_get((fast, ref))
   fast, ref = (getattr(t, "params", t) for t in (fast, ref))
@@ -57,7 +58,7 @@ def test_init_options_give_bit_identical_params(case):
 
 
 class _FakeSetup:
-  """What _init_overlapped uses of a _Setup: restore_or_init (on the thread), compile_train."""
+  """What init_overlapped uses of a _Setup: restore_or_init (on the thread), compile_train."""
 
   def __init__(self, init_error=None, compile_error=None):
     self.init_error, self.compile_error = init_error, compile_error
@@ -78,14 +79,14 @@ class _FakeSetup:
 @pytest.fixture(params=[2, 1], ids=["thread", "one_core"])
 def cores(request, monkeypatch):
   """The init on a thread (2+ usable cores) or after the train-step compile (one core)."""
-  monkeypatch.setattr(train, "_usable_cores", lambda: request.param)
+  monkeypatch.setattr(startup, "usable_cores", lambda: request.param)
   return request.param
 
 
 def test_init_overlapped_returns_state_and_first_batch(cores):
   setup = _FakeSetup()
   batches = iter([{"image": 1}, {"image": 2}])
-  state, first = train._init_overlapped(setup, None, batches, train._StartupTimes())
+  state, first = startup.init_overlapped(setup, None, batches, startup.StartupTimes())
   assert (state, first, setup.compiled_for) == ("state", {"image": 1}, {"image": 1})
   assert next(batches) == {"image": 2}  # only the first batch was taken
 
@@ -96,16 +97,16 @@ def test_init_overlapped_raises_errors_in_the_caller(where, cores):
   setup = (_FakeSetup(init_error=error) if where == "init"
            else _FakeSetup(compile_error=error))
   with pytest.raises(RuntimeError, match=f"^{where} failed: out of memory$") as e:
-    train._init_overlapped(setup, None, iter([{"image": 1}]), train._StartupTimes())
+    startup.init_overlapped(setup, None, iter([{"image": 1}]), startup.StartupTimes())
   assert e.value is error
   if where == "init":  # the traceback (the thread's) names the failing call
     assert any(f.name == "restore_or_init" for f in e.traceback)
 
 
 def test_background_result():
-  assert train._Background(lambda: 7, "t").result() == 7
+  assert startup.Background(lambda: 7, "t").result() == 7
   with pytest.raises(KeyError, match="k"):
-    train._Background(lambda: {}["k"], "t").result()
+    startup.Background(lambda: {}["k"], "t").result()
 
 
 def _eval_setup(make_eval_iterator):
@@ -128,7 +129,7 @@ def test_eval_compile_in_background_then_the_eval_compiles_nothing():
            "unused": np.zeros((4, 7), np.float32)}
   setup = _eval_setup(lambda: iter([local]))
   compile_cache._listen()
-  train._Setup.compile_eval_in_background(setup).result()
+  startup.compile_eval_in_background(setup).result()
   before = compile_cache.counts()["programs"]
   assert before >= 1  # the background compile was counted
   batch = shard_lib.global_batch(setup.mesh, {k: local[k] for k in ("image", "mask")})
@@ -142,6 +143,6 @@ def test_eval_compile_in_background_then_the_eval_compiles_nothing():
 def test_eval_compile_in_background_raises_its_failure():
   def unreadable():
     raise OSError("eval split unreadable: /data/val")
-  job = train._Setup.compile_eval_in_background(_eval_setup(unreadable))
+  job = startup.compile_eval_in_background(_eval_setup(unreadable))
   with pytest.raises(OSError, match="^eval split unreadable: /data/val$"):
     job.result()

@@ -23,7 +23,9 @@ import pytest
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import export as export_lib
 from structvit_jax import paths, run_log
+from structvit_jax import config_checks
 from structvit_jax import train
+from structvit_jax import train_state
 from test_train import REPO, tiny_config, write_config_file
 
 FAST_COMPILES = True  # XLA's cheap compile mode for this module (conftest.py)
@@ -156,7 +158,7 @@ def test_silently_flipped_array_falls_back_end_to_end(reference, tmp_path):
 
 def test_non_finite_evaluation_is_one_error_and_not_recorded(tmp_path, monkeypatch):
   writer = run_log.MetricWriter(str(tmp_path))
-  monkeypatch.setattr(train, "run_eval", lambda *a, **k: {"loss": float("nan"), "top1": 0.5, "top5": 1.0, "count": 8})
+  monkeypatch.setattr(train_state, "run_eval", lambda *a, **k: {"loss": float("nan"), "top1": 0.5, "top5": 1.0, "count": 8})
 
   class Setup:
     eval_fn = eval_inp = mesh = None
@@ -261,8 +263,8 @@ def test_resume_may_change_the_listed_fields(reference):
   recorded = json.loads((reference[0] / "config.json").read_text())
   changed = config(log_every_steps=7, eval_every_epochs=3.0, keep_checkpoints=9,
                    checkpoint_every_steps=4, **{"data.num_workers": 2})
-  assert train.config_changes(recorded, changed) == []
-  assert train.config_changes(recorded, config(lr=1.0)) == ["lr: 0.001 -> 1.0"]
+  assert config_checks.config_changes(recorded, changed) == []
+  assert config_checks.config_changes(recorded, config(lr=1.0)) == ["lr: 0.001 -> 1.0"]
 
 
 def test_orbax_tmp_leftovers_are_removed_at_start(reference, tmp_path):
@@ -375,7 +377,7 @@ def test_resume_of_a_run_older_than_a_field_keeps_the_value_it_trained_with(refe
   recorded.pop("weight_decay_mask")
   (workdir / "config.json").write_text(json.dumps(recorded))
   c = config(weight_decay_mask="timm")
-  train.check_resume_config(c, str(workdir))
-  assert c.weight_decay_mask == train.RESUME_LEGACY_VALUES["weight_decay_mask"]
+  config_checks.check_resume_config(c, str(workdir))
+  assert c.weight_decay_mask == config_checks.RESUME_LEGACY_VALUES["weight_decay_mask"]
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="weight_decay_mask"):
-    train.check_resume_config(config(weight_decay_mask="timm"), str(reference[0]))  # recorded
+    config_checks.check_resume_config(config(weight_decay_mask="timm"), str(reference[0]))  # recorded

@@ -20,6 +20,7 @@ import pytest
 
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import cli
+from structvit_jax import config_checks
 from structvit_jax import export as export_lib
 from structvit_jax import inference
 from structvit_jax import main as main_lib
@@ -38,14 +39,14 @@ KILL_AT = 15
 # previous one), that one is not, or only partly.
 KILLED_MAIN = f"""
 import os, signal
-from structvit_jax import checkpoint, cli, config_utils, main
+from structvit_jax import checkpoint, cli, config_checks, main
 save = checkpoint.Checkpointer.save
 def save_then_die(self, step, state, data_iter=None):
   save(self, step, state, data_iter)
   if step == {KILL_AT}:
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.Checkpointer.save = save_then_die
-cli.run(main.main, check_argv=config_utils.check_config_argv)
+cli.run(main.main, check_argv=config_checks.check_config_argv)
 """
 
 
@@ -208,4 +209,4 @@ def test_workdir_and_data_dir_urls_are_checked(gcs):
     with pytest.raises(cli.UserError, match=message):
       main_lib.check_workdir(bad)
   with pytest.raises(cli.UserError, match="local disk or a mount"):
-    main_lib.check_config(tiny_config(**{"data.data_dir": "gs://bkt/tfds"}))
+    config_checks.check_config(tiny_config(**{"data.data_dir": "gs://bkt/tfds"}))

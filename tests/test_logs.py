@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from structvit_jax import cli, config_utils, optim, run_log
+from structvit_jax.workdir import Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def _record(path, level, msg):
 
 
 def test_library_records_go_to_the_library_log_not_the_console(tmp_path):
-  log = tmp_path / cli.LIBRARY_LOG
+  log = tmp_path / os.path.basename(Workdir(str(tmp_path)).library_log)
   cli.library_log.set_path(str(log))
   try:
     f = cli._LibraryNoise()
@@ -67,7 +68,7 @@ def test_library_records_go_to_the_library_log_not_the_console(tmp_path):
 def test_library_tracebacks_go_to_the_log_and_to_the_console_only_if_verbose(tmp_path):
   """A failed async save (full disk): each Orbax thread logs the cause with a traceback;
   checkpoint.py reports it as one error line, the tracebacks go to WORKDIR/library.log."""
-  log = tmp_path / cli.LIBRARY_LOG
+  log = tmp_path / os.path.basename(Workdir(str(tmp_path)).library_log)
   cli.library_log.set_path(str(log))
   orbax = os.path.join(os.sep, "venv", "site-packages", "orbax", "checkpoint", "m.py")
   try:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from ml_collections.config_flags import config_flags
 
-from structvit_jax import config_utils, export, inference, optim, train, weights
+from structvit_jax import config_utils, export, inference, optim, train, train_state, weights
 from structvit_jax.data.preprocessing import eval_spec
 from structvit_jax.models import get_model
 
@@ -124,13 +124,13 @@ def export_224(tmp_path_factory):
   """structvit_tiny exported at its 'pre-training' size (32): weights from another seed than
   the fine-tune's own initialisation, BatchNorm statistics away from their init values."""
   config = tiny_config()
-  model = train.build_model(config, 10)
+  model = train_state.build_model(config, 10)
   variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(7), x, train=False))(
       jnp.zeros((1, 32, 32, 3)))
   variables = {"params": variables["params"],
                "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])}
   out = str(tmp_path_factory.mktemp("export") / "model")
-  inference.save_export(out, config.model.name, train.model_kwargs(config, 10), variables,
+  inference.save_export(out, config.model.name, train_state.model_kwargs(config, 10), variables,
                         eval_spec(config.data))
   return out
 

@@ -23,6 +23,7 @@ import pytest
 from structvit_jax import optim
 from structvit_jax import token_label_loss
 from structvit_jax import train
+from structvit_jax import train_state
 from structvit_jax.data import synthetic, token_labels
 from structvit_jax.data.pipeline import RandomFlip
 from structvit_jax.data.transforms import RandomResizedCrop
@@ -369,8 +370,8 @@ def test_token_labeling_trains_the_aux_head_per_token_and_the_class_head():
                                                 1e-5)
   tx = optim.make_optimizer(config, schedule)
   with cheap_compiles():
-    state = train.init_state(jax.random.PRNGKey(0), model, tx, (SIZE, SIZE, 3), ema=False)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
+    state = train_state.init_state(jax.random.PRNGKey(0), model, tx, (SIZE, SIZE, 3), ema=False)
+  step = jax.jit(lambda s, b: train_state.train_step(s, b, model=model, tx=tx, schedule=schedule,
                                                config=config, num_classes=nc))
   losses = []
   for batch in _train_batches(_examples(1, 128), TRAIN_STEPS):

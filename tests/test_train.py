@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from structvit_jax import train
+from structvit_jax import train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -124,14 +125,14 @@ def run_8dev(tmp_path_factory):
   """20 steps on 8 devices; the train step wrapped in chex.assert_max_traces(n=1)."""
   assert jax.device_count() == 8
   workdir = tmp_path_factory.mktemp("run8")
-  orig = train.train_step
-  train.train_step = chex.assert_max_traces(orig, n=1)
+  orig = train_state.train_step
+  train_state.train_step = chex.assert_max_traces(orig, n=1)
   try:
     t = time.time()
     state, ev = train.train_and_evaluate(tiny_config(), str(workdir))
     print(f"8-device run: {time.time() - t:.1f} s")
   finally:
-    train.train_step = orig
+    train_state.train_step = orig
   return workdir, jax.device_get(state), ev
 
 
@@ -170,14 +171,14 @@ def test_eval_only_matches_training_eval(run_8dev):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  orig = train.train_step
+  orig = train_state.train_step
 
   def poisoned(state, batch, **kw):  # loss becomes NaN from step 4 on
     new, m = orig(state, batch, **kw)
     m["loss"] = jnp.where(state.step >= 3, jnp.nan, m["loss"])
     return new, m
 
-  monkeypatch.setattr(train, "train_step", poisoned)
+  monkeypatch.setattr(train_state, "train_step", poisoned)
   # DeiT (no BatchNorm: an empty batch_stats collection) compiles fastest.
   config = tiny_config(num_train_steps=8, checkpoint_every_steps=1, **{
       "model.name": "deit_tiny"})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structvit_jax import config_utils, train
+from structvit_jax import config_utils, train, train_state
 from structvit_jax.data import DatasetNotFoundError, create_input, evaluators, video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -256,9 +256,9 @@ def test_multi_view_eval_averages_softmax_per_video_once(data_dir):
   inp = create_input(c, "eval", local_batch_size=5)        # 12 views -> 3 batches, 3 padding
   model = MeanPixelModel()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  eval_fn = jax.jit(functools.partial(train.eval_step, model=model,
+  eval_fn = jax.jit(functools.partial(train_state.eval_step, model=model,
                                       outputs=evaluators.MultiViewVideo.outputs))
-  got = train.run_eval(eval_fn, {}, {}, inp, mesh, evaluators.MultiViewVideo(True))
+  got = train_state.run_eval(eval_fn, {}, {}, inp, mesh, evaluators.MultiViewVideo(True))
   # reference: softmax per view, mean over each video's 4 views, then top-1
   probs, labels = {}, {}
   for b in inp.make_eval_iterator():
