@@ -8,7 +8,6 @@ Steps are listed by Orbax's step-name format (`list_steps`), so a step renamed
 `<step>.unusable-<reason>` (README.md, "Faults on resume") is no longer one.
 """
 
-import errno
 import os
 import signal
 import threading
@@ -344,6 +343,69 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _try_restore(directory: str, s: int, abstract_state: Any, data_iter: Any,
+                 check: Callable[[int, Any], None] | None, checksums: bool
+                 ) -> tuple[Any, tuple[str, str] | None, bool]:
+  """(restored items, None, unverified) or (None, (tag, why), _) for step `s` of
+  `directory` (Checkpointer.restore's fallback policy tries each in turn). Any
+  exception while reading the step (its metadata, checksums, arrays, input position)
+  makes it unusable; only a CheckpointMismatchError (another model) is raised. Every
+  process calls it and gets the same verdict."""
+  step_dir = os.path.join(directory, str(s))
+  bad = unusable_reason(step_dir, data_iter is not None)
+  record = metadata = None
+  if bad is None:
+    try:
+      metadata = state_metadata(os.path.join(step_dir, "state"))
+      if metadata is None:  # what Orbax returns when the array index does not read
+        raise ValueError("Orbax read no array metadata")
+    except Exception as e:  # noqa: BLE001
+      bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+  if bad is None:
+    try:
+      record = read_checksums(step_dir) if checksums else None
+      if record is not None and data_iter is not None:
+        check_data_iter(step_dir, record)
+    except checksums_lib.Mismatch as e:
+      bad = "checksum", str(e)
+    except Exception as e:  # noqa: BLE001
+      bad = "unreadable", f"its checksums do not read ({short_cause(e)})"
+  # Every process restores the same step or skips it together (a restore is collective):
+  # a step that one process cannot use (its data_iter file, a read error) is unusable
+  # for all.
+  if _on_any_process(bad is not None) and bad is None:
+    bad = "unreadable", "another process cannot use it (see that process's log)"
+  if bad is not None:
+    return None, bad, False
+  try:
+    if check is not None:
+      check(s, metadata)
+    elif (diff := tree_difference(
+        {"params": abstract_state.params}, {"params": metadata["params"]})):
+      raise CheckpointMismatchError(
+          f"checkpoint step {s} in {directory} does not fit the model: {diff}")
+  except CheckpointMismatchError:
+    raise
+  except Exception as e:  # noqa: BLE001  (a damaged metadata tree)
+    bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
+  out = None
+  if bad is None:
+    try:
+      out = {"state": restore_items(step_dir, abstract_state, data_iter)}
+    except Exception as e:  # noqa: BLE001  (damaged files: fall back)
+      bad = "unreadable", f"it does not restore ({short_cause(e)})"
+  if _on_any_process(bad is not None) and bad is None:
+    bad = "unreadable", "another process could not restore it (see that process's log)"
+  if bad is None and record is not None:
+    try:  # the same fingerprints on every process (one collective over the global arrays)
+      checksums_lib.check_arrays(record["arrays"], out["state"])
+    except checksums_lib.Mismatch as e:
+      bad = "checksum", str(e)
+  if bad is not None:
+    return None, bad, False
+  return out, None, record is None and checksums
+
+
 class Checkpointer:
   """A CheckpointManager on `directory`: async saves, keeps the newest `keep`."""
 
@@ -418,67 +480,6 @@ class Checkpointer:
     paths.rename(src, dst)  # on GCS: a copy of every object, then a delete
     return dst
 
-  def _try_restore(self, s: int, abstract_state: Any, data_iter: Any,
-                   check: Callable[[int, Any], None] | None
-                   ) -> tuple[Any, tuple[str, str] | None, bool]:
-    """(restored items, None, unverified) or (None, (tag, why), _) for step `s`. Any
-    exception while reading the step (its metadata, checksums, arrays, input position)
-    makes it unusable; only a CheckpointMismatchError (another model) is raised. Every
-    process calls it and gets the same verdict."""
-    step_dir = os.path.join(self.directory, str(s))
-    bad = unusable_reason(step_dir, data_iter is not None)
-    record = metadata = None
-    if bad is None:
-      try:
-        metadata = state_metadata(os.path.join(step_dir, "state"))
-        if metadata is None:  # what Orbax returns when the array index does not read
-          raise ValueError("Orbax read no array metadata")
-      except Exception as e:  # noqa: BLE001
-        bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
-    if bad is None:
-      try:
-        record = read_checksums(step_dir) if self.checksums else None
-        if record is not None and data_iter is not None:
-          check_data_iter(step_dir, record)
-      except checksums_lib.Mismatch as e:
-        bad = "checksum", str(e)
-      except Exception as e:  # noqa: BLE001
-        bad = "unreadable", f"its checksums do not read ({short_cause(e)})"
-    # Every process restores the same step or skips it together (a restore is collective):
-    # a step that one process cannot use (its data_iter file, a read error) is unusable
-    # for all.
-    if _on_any_process(bad is not None) and bad is None:
-      bad = "unreadable", "another process cannot use it (see that process's log)"
-    if bad is not None:
-      return None, bad, False
-    try:
-      if check is not None:
-        check(s, metadata)
-      elif (diff := tree_difference(
-          {"params": abstract_state.params}, {"params": metadata["params"]})):
-        raise CheckpointMismatchError(
-            f"checkpoint step {s} in {self.directory} does not fit the model: {diff}")
-    except CheckpointMismatchError:
-      raise
-    except Exception as e:  # noqa: BLE001  (a damaged metadata tree)
-      bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
-    out = None
-    if bad is None:
-      try:
-        out = {"state": restore_items(step_dir, abstract_state, data_iter)}
-      except Exception as e:  # noqa: BLE001  (damaged files: fall back)
-        bad = "unreadable", f"it does not restore ({short_cause(e)})"
-    if _on_any_process(bad is not None) and bad is None:
-      bad = "unreadable", "another process could not restore it (see that process's log)"
-    if bad is None and record is not None:
-      try:  # the same fingerprints on every process (one collective over the global arrays)
-        checksums_lib.check_arrays(record["arrays"], out["state"])
-      except checksums_lib.Mismatch as e:
-        bad = "checksum", str(e)
-    if bad is not None:
-      return None, bad, False
-    return out, None, record is None and self.checksums
-
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iter: Any = None, fallback: bool = True,
               check: Callable[[int, Any], None] | None = None) -> tuple[Any, int]:
@@ -499,7 +500,8 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     skipped = []
     for s in reversed(steps):
-      out, bad, unverified = self._try_restore(s, abstract_state, data_iter, check)
+      out, bad, unverified = _try_restore(self.directory, s, abstract_state, data_iter,
+                                          check, self.checksums)
       if bad is None:
         if unverified:
           logging.warning("Checkpoint step %d in %s has no checksums (saved before they were "

@@ -246,30 +246,9 @@ def _size(n: int) -> str:
   return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def model_card(meta: dict[str, Any], stats: dict[str, Any], provenance: dict[str, Any],
-               files: dict[str, int]) -> str:
-  """The README.md of an export. meta: model.json's content (with its 'serving' records);
-  provenance: the training run ('workdir', 'step', 'ema', 'dataset', 'planned',
-  'eval_top1', 'eval_step') or the converted checkpoint ('converted_from', 'sha256')."""
-  spec, serving = meta["input"], meta.get("serving", {})
-  shape = input_shape(spec)
-  video = spec["kind"] == "video"
-  n_classes = meta["kwargs"].get("num_classes")
-  kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(meta["kwargs"].items())) or "none"
-  per = "per clip (one view)" if video else "per image"
-  lines = [
-      f"# {meta['model']}", "",
-      "An inference export of structvit_jax (model card written with the export).", "",
-      "| | |", "|---|---|",
-      f"| model | `{meta['model']}` (structvit_jax.models preset) |",
-      f"| variant | {stats.get('variant', '')} |",
-      f"| overrides of the preset | {kwargs} |",
-      f"| parameters | {stats['params']:,} |",
-      f"| GFLOPs {per} | {stats['gflops']:.4g} (multiply-adds, docs/flops.md) |",
-      f"| classes | {n_classes}" + (" (names in model.json)" if meta.get("class_names")
-                                    else "") + " |",
-      ""]
-  lines += ["## Origin", ""]
+def _origin(meta: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+  """The model card's Origin section: the training run or the converted checkpoint."""
+  lines = ["## Origin", ""]
   if "converted_from" in provenance:
     lines += [f"Converted from the official checkpoint `{provenance['converted_from']}`"
               + (f" (sha256 {provenance['sha256']})" if provenance.get("sha256") else "")
@@ -286,29 +265,14 @@ def model_card(meta: dict[str, Any], stats: dict[str, Any], provenance: dict[str
         "- last eval top-1: none recorded (no eval_results.jsonl record)", ""]
   else:
     lines += [f"{meta.get('source') or 'not recorded'}", ""]
-  lines += ["## Eval preprocessing", ""]
-  norm = f"x / 255, minus mean {spec['mean']}, divided by std {spec['std']} (per RGB channel)"
-  if video:
-    lines += [f"- {spec['num_frames']} frames, {spec['sampling']} sampling, rate "
-              f"{spec['sampling_rate']}; short side resized, centre crop "
-              f"{spec['image_size']}x{spec['image_size']} (structvit_jax/data/video.py)",
-              f"- evaluation averages the softmax over {spec.get('test_clips', 1)} clips x "
-              f"{spec.get('test_crops', 1)} crops per video (`predict --views`)"]
-  else:
-    lines += [f"- resize the short side to {spec['image_size']} / {spec['crop_ratio']} "
-              f"(bicubic), centre crop {spec['image_size']}x{spec['image_size']} (timm eval)"]
-  lines += [f"- normalisation: {norm}; inside model.stablehlo and model.onnx, which take "
-            "the uint8 pixels", ""]
-  layout = "[N, T, H, W, 3]" if video else "[N, H, W, 3]"
-  lines += ["## Input / output", "",
-            f"- serving artefacts: input uint8 {layout} = [N, {', '.join(map(str, shape))}]"
-            " RGB, preprocessed as above except the normalisation; N (batch) is free",
-            "- Orbax params (Flax): float32 normalised inputs of the same shape "
-            "(`Predictor.logits`), or files via `Predictor.predict`",
-            f"- output: float32 logits [N, {n_classes}] (softmax for probabilities)", ""]
-  lines += ["## Files", "", "| format | files | size | load with |", "|---|---|---|---|",
-            f"| Flax / Orbax | `params/`, `model.json` | {_size(files.get('params', 0))} | "
-            "`structvit_jax.inference.load(DIR).predict(files)` (this package, Flax) |"]
+  return lines
+
+
+def _serving_files(serving: dict[str, Any], files: dict[str, int]) -> list[str]:
+  """The model card's Files table, command line and Notes on the serving artefacts."""
+  lines = ["## Files", "", "| format | files | size | load with |", "|---|---|---|---|",
+           f"| Flax / Orbax | `params/`, `model.json` | {_size(files.get('params', 0))} | "
+           "`structvit_jax.inference.load(DIR).predict(files)` (this package, Flax) |"]
   if "stablehlo" in serving:
     s = serving["stablehlo"]
     lines.append(
@@ -338,4 +302,51 @@ def model_card(meta: dict[str, Any], stats: dict[str, Any], provenance: dict[str
                  f"{o['onnxruntime_max_abs_diff']:.2g} (max abs logit) when written.")
   if notes:
     lines += ["## Notes", "", *notes, ""]
-  return "\n".join(lines)
+  return lines
+
+
+def model_card(meta: dict[str, Any], stats: dict[str, Any], provenance: dict[str, Any],
+               files: dict[str, int]) -> str:
+  """The README.md of an export. meta: model.json's content (with its 'serving' records);
+  provenance: the training run ('workdir', 'step', 'ema', 'dataset', 'planned',
+  'eval_top1', 'eval_step') or the converted checkpoint ('converted_from', 'sha256')."""
+  spec, serving = meta["input"], meta.get("serving", {})
+  shape = input_shape(spec)
+  video = spec["kind"] == "video"
+  n_classes = meta["kwargs"].get("num_classes")
+  kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(meta["kwargs"].items())) or "none"
+  per = "per clip (one view)" if video else "per image"
+  lines = [
+      f"# {meta['model']}", "",
+      "An inference export of structvit_jax (model card written with the export).", "",
+      "| | |", "|---|---|",
+      f"| model | `{meta['model']}` (structvit_jax.models preset) |",
+      f"| variant | {stats.get('variant', '')} |",
+      f"| overrides of the preset | {kwargs} |",
+      f"| parameters | {stats['params']:,} |",
+      f"| GFLOPs {per} | {stats['gflops']:.4g} (multiply-adds, docs/flops.md) |",
+      f"| classes | {n_classes}" + (" (names in model.json)" if meta.get("class_names")
+                                    else "") + " |",
+      ""]
+  lines += _origin(meta, provenance)
+  lines += ["## Eval preprocessing", ""]
+  norm = f"x / 255, minus mean {spec['mean']}, divided by std {spec['std']} (per RGB channel)"
+  if video:
+    lines += [f"- {spec['num_frames']} frames, {spec['sampling']} sampling, rate "
+              f"{spec['sampling_rate']}; short side resized, centre crop "
+              f"{spec['image_size']}x{spec['image_size']} (structvit_jax/data/video.py)",
+              f"- evaluation averages the softmax over {spec.get('test_clips', 1)} clips x "
+              f"{spec.get('test_crops', 1)} crops per video (`predict --views`)"]
+  else:
+    lines += [f"- resize the short side to {spec['image_size']} / {spec['crop_ratio']} "
+              f"(bicubic), centre crop {spec['image_size']}x{spec['image_size']} (timm eval)"]
+  lines += [f"- normalisation: {norm}; inside model.stablehlo and model.onnx, which take "
+            "the uint8 pixels", ""]
+  layout = "[N, T, H, W, 3]" if video else "[N, H, W, 3]"
+  lines += ["## Input / output", "",
+            f"- serving artefacts: input uint8 {layout} = [N, {', '.join(map(str, shape))}]"
+            " RGB, preprocessed as above except the normalisation; N (batch) is free",
+            "- Orbax params (Flax): float32 normalised inputs of the same shape "
+            "(`Predictor.logits`), or files via `Predictor.predict`",
+            f"- output: float32 logits [N, {n_classes}] (softmax for probabilities)", ""]
+  return "\n".join(lines + _serving_files(serving, files))
