@@ -39,7 +39,7 @@ def main(argv=None) -> None:
   rng = jax.random.PRNGKey(config.seed)
   options = train_state.init_compiler_options() if a.options == "trainer" else {}
   t0 = time.perf_counter()
-  jax.eval_shape(init, rng)  # the trace (_Setup's abstract state); the lowering reuses it
+  jax.eval_shape(init, rng)  # the trace (train_state.make_init's abstract state); the lowering reuses it
   t1 = time.perf_counter()
   lowered = jax.jit(init).lower(rng)
   t2 = time.perf_counter()

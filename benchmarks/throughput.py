@@ -143,7 +143,7 @@ class Bench:
     self.config = c = make_config(a, case, batch)
     self.num_classes = num_classes(case)
     self.model = train_state.build_model(c, self.num_classes)
-    # What train._Setup does after building its inputs (the dataset is the only thing missing).
+    # train._Setup's wiring after its inputs (the dataset is the only thing missing).
     schedule = optim.make_schedule(c, c.num_train_steps, 1000)
     tx = optim.make_optimizer(c, schedule)
     _, shardings, init = train_state.make_init(c, self.model, tx, case.input_shape, mesh, 0)

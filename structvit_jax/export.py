@@ -180,7 +180,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   config = read_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise ExportError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} "
+    raise ExportError(f"no checkpoint in {Workdir(workdir).checkpoints} "
                       f"(has the run saved one yet?)")
   if step is None:
     step = steps[-1]

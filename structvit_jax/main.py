@@ -34,43 +34,33 @@ flags.DEFINE_integer("process_id", None, "Index of this process (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def check_remote_workdir(workdir: str) -> None:
-  """A gs://bucket/path workdir: writes and deletes a probe object; a wrong scheme, a
-  missing bucket or no write access is one UserError."""
+def check_workdir(workdir: str) -> None:
+  """Creates workdir and writes and deletes a probe file there: a file, a URL other than
+  gs://BUCKET[/PATH], a missing bucket or no write access is one UserError."""
   from structvit_jax import paths
-  scheme = workdir.split("://", 1)[0]
-  if scheme != "gs" or not workdir[len("gs://"):].strip("/"):
+  remote = paths.is_remote(workdir)
+  if remote and (workdir.split("://", 1)[0] != "gs" or not workdir[len("gs://"):].strip("/")):
     raise cli.UserError(f"--workdir={workdir}: a URL workdir must be gs://BUCKET[/PATH] "
-                           "(Cloud Storage); other schemes are not supported")
+                        "(Cloud Storage); other schemes are not supported")
+  if not remote and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
+                        "or existing directory")
   probe = f"{workdir.rstrip('/')}/.write_test_{uuid.uuid4().hex}"
   try:
+    paths.makedirs(workdir)
     paths.write_text(probe, "")
     paths.remove(probe)
   except Exception as e:  # noqa: BLE001  (gcsfs raises OSError, HttpError, auth errors)
+    if not remote:
+      if not isinstance(e, OSError):
+        raise
+      raise cli.UserError(f"--workdir={workdir} is not writable ({e.strerror}); give a "
+                          "directory on a writable disk") from e
     cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise cli.UserError(
         f"--workdir={workdir} is not writable ({cause}); check "
         "the bucket exists and your credentials may write to it (gcloud auth "
         "application-default login, or the VM's service account)") from e
-
-
-def check_workdir(workdir: str) -> None:
-  """Creates workdir; a file or an unwritable place is one UserError."""
-  if "://" in workdir:
-    check_remote_workdir(workdir)
-    return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise cli.UserError(f"--workdir={workdir} is a file, not a directory; give a new "
-                           "or existing directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise cli.UserError(f"--workdir={workdir} is not writable ({e.strerror}); give a "
-                           "directory on a writable disk") from e
 
 
 def main(argv):

@@ -31,9 +31,6 @@ from structvit_jax.train_state import TrainState
 from structvit_jax.workdir import Workdir
 
 
-# ----------------------------------------------------------------------------- setup
-
-
 def create_input(config, split, local_batch_size, seed):
   from structvit_jax import data as data_lib  # data is independent of the trainer
   # uint8 batches: normalised (and erased) in the jitted steps (device_input.py).
@@ -132,8 +129,8 @@ def _eval_and_log(setup: _Setup, state: TrainState, config: ml_collections.Confi
   if config.ema_decay > 0:
     variants.append(("eval_ema", state.ema_params))
   for prefix, params in variants:
-    m = train_state.run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp, setup.mesh,
-                 setup.new_evaluator())
+    m = train_state.run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp,
+                             setup.mesh, setup.new_evaluator())
     results.update({f"{prefix}/{k}": v for k, v in m.items()})
     run_log.log_console(run_log.eval_line(prefix, step, m))
   bad = [f"{k}={v}" for k, v in results.items()
@@ -147,9 +144,6 @@ def _eval_and_log(setup: _Setup, state: TrainState, config: ml_collections.Confi
                         if not k.endswith(("count", "views"))})
   writer.eval_record(step, results)
   return results
-
-
-# ----------------------------------------------------------------------------- loop
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -186,25 +180,22 @@ class _Loop:
     times.mark("restore")
     return state, None
 
-  def fetch(self, item: tuple[int, Any]) -> None:
-    # Fetching one step late keeps the device busy; the check still names the step.
-    s, m = item
+  def flush(self) -> None:
+    """Fetches the pending step's metrics: one step late keeps the device busy; the check
+    still names the step."""
+    if self.pending is None:
+      return
+    (s, m), self.pending = self.pending, None
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     self.bad.add(m)
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-      ckpt = self.setup.ckpt
+      last = self.setup.ckpt.latest_step()
       raise FloatingPointError(
           f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}. "
           "Stopping; " + (f"the last good checkpoint (step {last}) in "
-                          f"{ckpt.directory} is kept."
-                          if (last := ckpt.latest_step()) is not None
+                          f"{self.setup.ckpt.directory} is kept." if last is not None
                           else "no checkpoint was saved before it."))
     self.history.append(m)
-
-  def flush(self) -> None:
-    if self.pending is not None:
-      self.fetch(self.pending)
-      self.pending = None
 
   def save(self, step: int, state: TrainState) -> None:
     self.flush()  # never checkpoint a state that came from a non-finite loss
@@ -291,9 +282,6 @@ class _Loop:
       self.batches.close()  # closes the train iterator
     elif hasattr(self.setup.train_inp.iterator, "close"):
       self.setup.train_inp.iterator.close()
-
-
-# ----------------------------------------------------------------------------- entry points
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
