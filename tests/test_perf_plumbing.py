@@ -43,7 +43,7 @@ def test_step_dispatch_runs_under_the_transfer_guard(tmp_path, monkeypatch):
 
   _wrap_dispatch(monkeypatch, record)
   lines = []
-  monkeypatch.setattr(metrics_lib, "log_console", lines.append)
+  monkeypatch.setattr(run_log, "log_console", lines.append)
   # structvit_tiny: depthwise convs, StructSA and BatchNorm all trace under the guard.
   state, _ = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert int(state.step) == 3
