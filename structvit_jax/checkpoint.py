@@ -201,9 +201,7 @@ def verify_step(directory: str, step: int) -> tuple[str, str]:
     if record is not None:
       for name in sorted(record.get("data_iter", {})):
         check_data_iter(step_dir, record, name)
-  except checksums_lib.Mismatch as e:
-    return "unusable", str(e)
-  except CheckpointError as e:
+  except (checksums_lib.Mismatch, CheckpointError) as e:
     return "unusable", str(e)
   except Exception as e:  # noqa: BLE001
     return "unusable", f"it does not read ({short_cause(e)})"
@@ -289,7 +287,7 @@ def unusable_reason(step_dir: str, with_data_iter: bool) -> tuple[str, str] | No
   if not any(files for root, _, files in paths.walk(state) if os.path.basename(root) == "d"):
     return "no-arrays", "its array files (state/**/d/) are gone"
   if with_data_iter:
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    name = data_iter_name()
     if not paths.isfile(os.path.join(step_dir, "data_iter", name)):
       return "no-data-iter", f"data_iter/{name} (the input position) is missing"
   return None
