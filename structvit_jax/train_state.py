@@ -67,6 +67,7 @@ def init_compiler_options() -> dict[str, Any]:
     return {}
   return {"xla_backend_optimization_level": 1}
 
+
 def make_init(config: ml_collections.ConfigDict, model: nn.Module,
               tx: optax.GradientTransformation, input_shape: tuple[int, ...],
               mesh: jax.sharding.Mesh, seed: int
