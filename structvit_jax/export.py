@@ -33,11 +33,6 @@ class ExportError(cli.UserError, RuntimeError):
   """A workdir that cannot be exported; the message says why and what to run."""
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of a training workdir (Orbax's listing)."""
-  return ckpt_lib.list_steps(Workdir(workdir).checkpoints)
-
-
 def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
   import jax
@@ -178,7 +173,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
     raise ExportError(f"--workdir={workdir} is not a directory (the --workdir of a "
                       "training run)")
   config = read_config(workdir)
-  steps = checkpoint_steps(workdir)
+  steps = ckpt_lib.list_steps(Workdir(workdir).checkpoints)  # the finished steps
   if not steps:
     raise ExportError(f"no checkpoint in {Workdir(workdir).checkpoints} "
                       f"(has the run saved one yet?)")
