@@ -149,13 +149,6 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
 # ----------------------------------------------------------------------------- reading
 
 
-def restore_arrays(path: str) -> dict[str, Any]:
-  """checkpoint.restore_arrays: an Orbax StandardCheckpointer save, every array on one
-  device (kept here too: exports are read with it)."""
-  from structvit_jax import checkpoint as ckpt_lib
-  return ckpt_lib.restore_arrays(path)
-
-
 def restore_export_arrays(export_dir: str) -> dict[str, Any]:
   """An export's arrays, checked against its checksums.json (an export without one, written
   before checksums were kept, is read with one warning: unverified). A damaged export is one
@@ -165,7 +158,7 @@ def restore_export_arrays(export_dir: str) -> dict[str, Any]:
   from structvit_jax import checksums
   from structvit_jax import paths
   try:
-    tree = restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
+    tree = ckpt_lib.restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
     verified = checksums.check_export(export_dir, tree)
   except checksums.Mismatch as e:
     raise ckpt_lib.CheckpointError(f"export {export_dir} is unusable: {e}") from None

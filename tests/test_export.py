@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from structvit_jax import device_input, export, inference, train, train_state
+from structvit_jax import checkpoint, device_input, export, inference, train, train_state
 from structvit_jax.data import synthetic, video
 from structvit_jax.models import get_model
 
@@ -108,7 +108,7 @@ def test_no_ema_and_step(run, tmp_path):
   _, workdir, state, _, _, _ = run
   summary = export.export(str(workdir), str(tmp_path / "raw"), step=3, use_ema=False)
   assert "raw params" in summary
-  raw = inference.restore_arrays(str(tmp_path / "raw" / "params"))
+  raw = checkpoint.restore_arrays(str(tmp_path / "raw" / "params"))
   jax.tree.map(np.testing.assert_array_equal, raw["params"], state.params)
   with pytest.raises(export.ExportError, match=r"no checkpoint of step 7 .*steps: \[3\]"):
     export.export(str(workdir), str(tmp_path / "x"), step=7)
