@@ -154,9 +154,9 @@ class Bench:
     repl = shard_lib.replicated(mesh)
     self.data_sharding = data = shard_lib.batch_sharding(mesh)
     # The trainer's inputs are uint8, normalised in the step with the dataset's constants.
-    from structvit_jax.data import pipeline
-    spec = pipeline.get_dataset(c, c.data.train_split, train=True)
-    norm = pipeline.device_side(spec.transforms)[1]
+    from structvit_jax.data import ops, registry
+    spec = registry.get_dataset(c, c.data.train_split, train=True)
+    norm = ops.device_side(spec.transforms)[1]
     self.train_fn = jax.jit(
         functools.partial(train_lib.train_step, model=self.model, tx=tx, schedule=schedule,
                           config=c, num_classes=self.num_classes, normalization=norm),

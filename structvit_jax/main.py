@@ -42,13 +42,13 @@ def _nearest(name: str, valid: list[str]) -> str:
 def check_config(config) -> None:
   """The mistakes that can be named before anything is built (errors.UserError)."""
   from structvit_jax import models
-  from structvit_jax.data import pipeline
+  from structvit_jax.data import registry
   valid = models.list_models()
   if config.model.name not in valid:
     raise errors.UserError(
         f"--config.model.name={config.model.name}: unknown model; "
         f"{_nearest(config.model.name, valid)}valid names: {', '.join(valid)}")
-  datasets = sorted(pipeline._BUILDERS)
+  datasets = registry.names()
   if config.data.name not in datasets:
     raise errors.UserError(
         f"--config.data.name={config.data.name}: unknown dataset; "
@@ -73,12 +73,7 @@ def check_config(config) -> None:
     raise errors.UserError(
         f"--config.data.data_dir={config.data.data_dir}: datasets are read from a local "
         "disk or a mount (NFS, gcsfuse), not from a URL; copy the prepared dataset there")
-  if config.data.name.startswith("synthetic_"):  # sizes known without reading data
-    n = config.data.train_examples
-    if not config.eval_only and config.batch_size > n:
-      raise errors.UserError(
-          f"--config.batch_size={config.batch_size}: larger than the {n} training examples "
-          f"(config.data.train_examples); lower it or raise train_examples")
+  registry.check_config(config)
 
 
 def check_remote_workdir(workdir: str) -> None:

@@ -24,13 +24,13 @@ import optax
 
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import device_input
+from structvit_jax import evaluation
 from structvit_jax import metrics as metrics_lib
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import paths
 from structvit_jax import sharding as shard_lib
 from structvit_jax import token_labeling
-from structvit_jax.data import evaluators
 
 
 @flax.struct.dataclass
@@ -162,23 +162,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             opt_state=opt_state, ema_params=ema)
   labels = batch["label"]
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                 top1=evaluators.topk_correct(logits, labels, 1).mean(),
-                 top5=evaluators.topk_correct(logits, labels, 5).mean(),
-                 **evaluators.BadCount.of(batch))
+                 top1=evaluation.topk_correct(logits, labels, 1).mean(),
+                 top5=evaluation.topk_correct(logits, labels, 5).mean(),
+                 **evaluation.BadCount.of(batch))
   return new_state, metrics
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module, outputs=evaluators.Classification.outputs,
+              model: nn.Module, outputs=evaluation.Classification.outputs,
               normalization: device_input.Normalization | None = None) -> dict[str, Any]:
-  """The evaluator's sums over the batch (`outputs`: the evaluator's, data/evaluators.py);
+  """The evaluator's sums over the batch (`outputs`: the evaluator's, evaluation.py);
   uint8 images are normalised with `normalization` first."""
   x = device_input.images(batch, normalization)
   return outputs(model.apply(_variables(params, batch_stats), x, train=False), batch)
 
 
 def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
-             evaluator: evaluators.Classification) -> dict[str, float]:
+             evaluator: evaluation.Classification) -> dict[str, float]:
   """One exact pass (padded last batch, masked) of `eval_fn` (an eval_step with
   evaluator's `outputs`); returns `evaluator.result()`."""
   batches = device_input.DevicePrefetcher(
@@ -318,7 +318,7 @@ class _Setup:
     self.init = lambda: init_fn.lower(rng).compile(init_compiler_options())(rng)
     repl = shard_lib.replicated(self.mesh)
     data = shard_lib.batch_sharding(self.mesh)
-    self.new_evaluator = lambda: evaluators.evaluator_for(config)
+    self.new_evaluator = lambda: evaluation.evaluator_for(config)
     self.eval_fn = jax.jit(functools.partial(eval_step, model=self.model,
                                              outputs=self.new_evaluator().outputs,
                                              normalization=self.eval_inp.normalization),
@@ -439,7 +439,7 @@ def _eval_and_log(setup, state, config, writer, step) -> dict[str, float]:
     m = run_eval(setup.eval_fn, params, state.batch_stats, setup.eval_inp, setup.mesh,
                  setup.new_evaluator())
     results.update({f"{prefix}/{k}": v for k, v in m.items()})
-    metrics_lib.log_console(evaluators.console_line(prefix, step, m))
+    metrics_lib.log_console(evaluation.console_line(prefix, step, m))
   bad = [f"{k}={v}" for k, v in results.items()
          if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v))]
   if bad:  # not recorded: eval_results.jsonl and TensorBoard keep finite results only
@@ -496,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sigterm = ckpt_lib.SigtermFlag()
   progress = metrics_lib.Progress(total, config.batch_size, step)
   history: list[dict] = []        # host metrics since the last log line
-  bad = evaluators.BadCount()     # unreadable examples replaced, per log line and in all
+  bad = evaluation.BadCount()     # unreadable examples replaced, per log line and in all
   pending = None                  # (step, device metrics): fetched one step late
   eval_results: dict = {}
   compiled = False
