@@ -99,11 +99,6 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
     raise ValueError(f"local_batch_size must be positive, got {local_batch_size}")
   train = split == "train"
   split_name = config.data.train_split if train else config.data.eval_split
-  if train and config.data.get("token_label_dir") and not registry.get(
-      config.data.name).token_labels:
-    raise ValueError(f"config.data.token_label_dir is set but {config.data.name!r} has no "
-                     f"token labels (image datasets only: "
-                     f"{', '.join(registry.names(lambda d: d.token_labels))})")
   spec = registry.get_dataset(config, split_name, train)
   num_examples = len(spec.source)
   global_batch = local_batch_size * process_count

@@ -108,6 +108,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
         f"--config.batch_size={config.batch_size}: larger than the {data.train_examples} "
         f"training examples (config.data.train_examples); lower it or raise train_examples")
+  if dataset.kind == "video" and not data.num_frames:
+    raise errors.UserError(f"--config.data.num_frames={data.num_frames}: {data.name!r} is a "
+                           "video dataset; set its clip length (> 0)")
   if data.get("token_label_dir") and not dataset.token_labels:
     raise errors.UserError(
         f"--config.data.token_label_dir: {data.name!r} has no token labels (image datasets "

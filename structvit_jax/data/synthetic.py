@@ -214,10 +214,6 @@ class Source:
       raise IndexError(f"index {index} out of range for {self!r}")
     return np.random.default_rng((self.seed, SPLITS[self.split], index))
 
-  def draw(self, index: int) -> dict[str, np.ndarray]:
-    """Example `index`, drawn now: {'image': uint8, 'label': int32}."""
-    raise NotImplementedError
-
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
     self._rng(index)  # range check
@@ -226,7 +222,7 @@ class Source:
       return self.draw(index)
     with self._lock:
       if self._cache is None:
-        items = [self.draw(i) for i in range(self.num_examples)]
+        items = [self.draw(i) for i in range(self.num_examples)]  # subclasses: one example
         self._cache = {k: np.stack([e[k] for e in items]) for k in items[0]}
         for v in self._cache.values():
           v.flags.writeable = False
