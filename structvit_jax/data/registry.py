@@ -23,7 +23,7 @@ def _classes_txt(data: ml_collections.ConfigDict) -> list[str] | None:
   try:
     with open(os.path.join(data.data_dir, "classes.txt"), encoding="utf-8") as f:
       return [l.strip() for l in f if l.strip()] or None
-  except (OSError, TypeError):  # not on the exporting machine, lists made by hand, no dir
+  except OSError:  # not on the exporting machine, or lists made by hand
     return None
 
 

@@ -23,8 +23,6 @@ example can be regenerated on its own (resumable, shardable, multi-worker).
 from __future__ import annotations
 
 import threading
-from typing import Any
-
 import ml_collections
 import numpy as np
 
@@ -183,6 +181,7 @@ def render_clip(motion: int, rng: np.random.Generator, num_frames: int, size: in
 
 
 CACHE_BYTES = 512 << 20   # a split up to this size is drawn once, then kept in memory
+_DRAWING = threading.Lock()  # grain reads with threads: each split is drawn once
 
 
 class Source:
@@ -197,17 +196,10 @@ class Source:
     if split not in SPLITS:
       raise ValueError(f"{type(self).__name__}: unknown split {split!r}; valid: {sorted(SPLITS)}")
     self.split, self.num_examples, self.image_size, self.seed = split, num_examples, image_size, seed
-    self._cache: dict[str, np.ndarray] | None = None
-    self._lock = threading.Lock()  # grain reads with threads: draw the split once
+    self._cache: dict[str, np.ndarray] | None = None  # the whole split, once read
 
   def __len__(self) -> int:
     return self.num_examples
-
-  def __getstate__(self) -> dict[str, Any]:  # grain workers: each draws its own copy
-    return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state, _cache=None, _lock=threading.Lock())
 
   def _rng(self, index: int) -> np.random.Generator:
     if not 0 <= index < self.num_examples:
@@ -220,12 +212,14 @@ class Source:
     size = self.image_size ** 2 * 3 * max(1, getattr(self, "num_frames", 1))
     if self.num_examples * size > CACHE_BYTES:
       return self.draw(index)
-    with self._lock:
-      if self._cache is None:
-        items = [self.draw(i) for i in range(self.num_examples)]  # subclasses: one example
-        self._cache = {k: np.stack([e[k] for e in items]) for k in items[0]}
-        for v in self._cache.values():
-          v.flags.writeable = False
+    if self._cache is None:
+      with _DRAWING:
+        if self._cache is None:
+          items = [self.draw(i) for i in range(self.num_examples)]  # subclasses: one example
+          cache = {k: np.stack([e[k] for e in items]) for k in items[0]}
+          for v in cache.values():
+            v.flags.writeable = False
+          self._cache = cache
     return {k: v[index] for k, v in self._cache.items()}
 
   def __repr__(self) -> str:
