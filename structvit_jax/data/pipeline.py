@@ -30,6 +30,7 @@ from structvit_jax.data import registry
 from structvit_jax.data.ops import BAD_MARKERS, AddMask, device_side
 from structvit_jax.data.spec import Transform
 
+
 @dataclasses.dataclass(frozen=True)
 class Input:
   """What the trainer gets from `create_input`."""
