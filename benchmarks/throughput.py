@@ -150,9 +150,9 @@ class Bench:
     self.state = init()
     self.data_sharding = shard_lib.batch_sharding(mesh)
     # The trainer's inputs are uint8, normalised in the step with the dataset's constants.
-    from structvit_jax.data import pipeline
-    spec = pipeline.get_dataset(c, c.data.train_split, train=True)
-    norm = pipeline.device_side(spec.transforms)[1]
+    from structvit_jax.data import ops, registry
+    spec = registry.get_dataset(c, c.data.train_split, train=True)
+    norm = ops.device_side(spec.transforms)[1]
     self.train_fn = train_state.jit_train_step(c, self.model, tx, schedule, self.num_classes,
                                                norm, shardings, mesh)
     self.eval_fn = train_state.jit_eval_step(self.model, norm, shardings, mesh)

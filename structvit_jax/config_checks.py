@@ -117,13 +117,13 @@ def _nearest(name: str, valid: list[str]) -> str:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The mistakes that can be named before anything is built (cli.UserError)."""
   from structvit_jax import models
-  from structvit_jax.data import pipeline
+  from structvit_jax.data import registry
   valid = models.list_models()
   if config.model.name not in valid:
     raise UserError(
         f"--config.model.name={config.model.name}: unknown model; "
         f"{_nearest(config.model.name, valid)}valid names: {', '.join(valid)}")
-  datasets = sorted(pipeline._BUILDERS)
+  datasets = registry.names()
   if config.data.name not in datasets:
     raise UserError(
         f"--config.data.name={config.data.name}: unknown dataset; "
@@ -142,12 +142,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(
         f"--config.data.data_dir={config.data.data_dir}: datasets are read from a local "
         "disk or a mount (NFS, gcsfuse), not from a URL; copy the prepared dataset there")
-  if config.data.name.startswith("synthetic_"):  # sizes known without reading data
-    n = config.data.train_examples
-    if not config.eval_only and config.batch_size > n:
-      raise UserError(
-          f"--config.batch_size={config.batch_size}: larger than the {n} training examples "
-          f"(config.data.train_examples); lower it or raise train_examples")
+  _check_dataset(config, registry.get(config.data.name))
+
+
+def _check_dataset(config: ml_collections.ConfigDict, dataset) -> None:
+  """What config.data asks of its dataset's facts (data/registry.py)."""
+  from structvit_jax.data import registry
+  data = config.data
+  if dataset.builtin and not config.eval_only and config.batch_size > data.train_examples:
+    raise UserError(
+        f"--config.batch_size={config.batch_size}: larger than the {data.train_examples} "
+        f"training examples (config.data.train_examples); lower it or raise train_examples")
+  if dataset.kind == "video" and not data.num_frames:
+    raise UserError(f"--config.data.num_frames={data.num_frames}: {data.name!r} is a "
+                    "video dataset; set its clip length (> 0)")
+  if data.get("token_label_dir") and not dataset.token_labels:
+    raise UserError(
+        f"--config.data.token_label_dir: {data.name!r} has no token labels (image datasets "
+        f"only: {', '.join(registry.names(lambda d: d.token_labels))})")
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, ndev: int) -> None:

@@ -7,7 +7,7 @@ quarter of float32's bytes, from the grain workers to the host and on to the dev
 normalisation constants are the dataset's (`Input.normalization`, from its `Normalize`
 transform) and reach the jitted step as constants; `normalize` computes exactly what the
 host-side `Normalize` computes. Random erasing (timm: N(0, 1) noise in normalised space)
-has its box drawn in the workers (`pipeline.EraseBox`, the same draws as `RandomErasing`)
+has its box drawn in the workers (`ops.EraseBox`, the same draws as `RandomErasing`)
 and filled here (`erase`): docs/input_pipeline.md.
 """
 
@@ -20,15 +20,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std), in [0, 1] units
 
 
 def normalize(images: jax.Array, normalization: Normalization) -> jax.Array:
   """uint8 [..., C] -> float32 (x/255 - mean) / std, with the constants and the order of
-  operations of the host-side `pipeline.Normalize`."""
-  from structvit_jax.data.pipeline import Normalize  # the one owner of the formula
+  operations of the host-side `ops.Normalize`."""
+  from structvit_jax.data.ops import Normalize  # the one owner of the formula
   op = Normalize(*normalization)
   return (images.astype(jnp.float32) - op.mean) * op.scale
 
@@ -141,12 +140,3 @@ class DevicePrefetcher:
     if hasattr(self._it, "close"):
       self._it.close()
 
-
-def global_batches(iterator: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
-                   keys: Sequence[str], depth: int = 2) -> DevicePrefetcher:
-  """`iterator`'s local batches (only `keys`, where present) as global arrays on `mesh`,
-  `depth` ahead (sharding.global_batch)."""
-  from structvit_jax import sharding
-  return DevicePrefetcher(
-      iterator, lambda b: sharding.global_batch(mesh, {k: b[k] for k in keys if k in b}),
-      depth)

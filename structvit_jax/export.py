@@ -97,37 +97,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
-def class_names(config: ml_collections.ConfigDict) -> list[str] | None:
-  """From the dataset when it can say (synthetic sources, tfds label names, a video
-  dataset's DATA_DIR/classes.txt), else None."""
-  data = config.data
-  if data.name == "synthetic_motion":
-    from structvit_jax.data import motion
-    return list(motion.DIRECTIONS)
-  if data.name.startswith("synthetic_"):
-    from structvit_jax.data import synthetic
-    return list(synthetic.IMAGE_CLASSES if data.name == "synthetic_image" else synthetic.MOTIONS)
-  from structvit_jax.data import pipeline
-  if pipeline._BUILDERS.get(data.name) is pipeline._video and data.data_dir:
-    # DATA_DIR/classes.txt, written next to the lists by data/video_lists.py (label order).
-    try:
-      with open(os.path.join(data.data_dir, "classes.txt"), encoding="utf-8") as f:
-        names = [l.strip() for l in f if l.strip()]
-      return names or None
-    except OSError:  # not on the exporting machine, or lists made by hand
-      return None
-  if data.name in ("imagenet2012", "image_folder") and data.data_dir:
-    try:  # the data may not be on the exporting machine: names are optional
-      import tensorflow_datasets as tfds
-      from structvit_jax.data import builders
-      prepared = builders.find_prepared(data.data_dir, data.tfds_name or data.name)
-      if prepared is not None:
-        return list(tfds.builder_from_directory(prepared).info.features["label"].names)
-    except Exception:  # noqa: BLE001
-      return None
-  return None
-
-
 def _head_classes(params: Any) -> int:
   head = params.get("head") if isinstance(params, dict) else None
   if not head or "kernel" not in head:
@@ -164,6 +133,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   (unless stablehlo=False), model.onnx (onnx=True) and the model card README.md
   (serving_export.py); returns a one-line summary."""
   from structvit_jax import train_state
+  from structvit_jax.data import registry
   from structvit_jax.data.preprocessing import eval_spec, eval_views
   paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
   if paths.exists(out) and not paths.isdir(out):
@@ -185,7 +155,7 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]
   num_classes = _head_classes(params)
-  names = class_names(config)
+  names = registry.class_names(config.data)
   if names is not None and len(names) != num_classes:
     names = None  # e.g. a dataset with config.data.num_classes overriding its label list
   kwargs = train_state.model_kwargs(config, num_classes)

@@ -57,7 +57,7 @@ def _check_input_spec(spec: dict[str, Any]) -> dict[str, Any]:
              num_frames=int(spec.get("num_frames", 0)),
              mean=[float(m) for m in spec["mean"]], std=[float(s) for s in spec["std"]])
   if out["kind"] == "image":
-    from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
+    from structvit_jax.data.spec import DEFAULT_EVAL_CROP_RATIO
     out.setdefault("crop_ratio", DEFAULT_EVAL_CROP_RATIO)
   else:
     if out["num_frames"] <= 0:
@@ -278,7 +278,7 @@ class Predictor:
     return self._normalize(self.read(x))
 
   def _normalize(self, x: np.ndarray) -> np.ndarray:
-    from structvit_jax.data.pipeline import Normalize  # the eval pipeline's exact op
+    from structvit_jax.data.ops import Normalize  # the eval pipeline's exact op
     return Normalize(self.input_spec["mean"], self.input_spec["std"]).map(
         {"image": x})["image"]
 

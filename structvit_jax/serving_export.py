@@ -68,7 +68,7 @@ def serving_model(model: Any, depthwise_impl: str, form: str | None = None,
 
 def eval_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Callable:
   """uint8 [N, *input_shape] -> float32 logits: the eval pipeline's normalisation
-  (data/pipeline.py Normalize: same constants, same order of operations), then the model.
+  (data/ops.py Normalize: same constants, same order of operations), then the model.
   `variables` are closed over (constants of an exported function)."""
   mean = np.asarray(spec["mean"], np.float32) * 255.0
   scale = 1.0 / (np.asarray(spec["std"], np.float32) * 255.0)

@@ -18,6 +18,7 @@ import numpy as np
 from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import config_checks
 from structvit_jax import device_input
+from structvit_jax import evaluation
 from structvit_jax import optim
 from structvit_jax import paths
 from structvit_jax import resume
@@ -26,7 +27,6 @@ from structvit_jax import sharding as shard_lib
 from structvit_jax import startup
 from structvit_jax import token_label_loss
 from structvit_jax import train_state
-from structvit_jax.data import evaluators
 from structvit_jax.train_state import TrainState
 from structvit_jax.workdir import Workdir
 
@@ -87,7 +87,7 @@ class _Setup:
         config, self.model, self.tx, self.input_shape, self.mesh, config.seed)
     self.abstract_sharded = ckpt_lib.abstract_with_shardings(self.abstract_state,
                                                              self.shardings)
-    self.new_evaluator = lambda: evaluators.evaluator_for(config)
+    self.new_evaluator = lambda: evaluation.evaluator_for(config)
     self.eval_fn = train_state.jit_eval_step(self.model, self.eval_inp.normalization,
                                              self.shardings, self.mesh,
                                              self.new_evaluator().outputs)
@@ -161,7 +161,7 @@ class _Loop:
     self.writer = None
     self.sigterm = None
     self.history: list[dict] = []   # host metrics since the last log line
-    self.bad = evaluators.BadCount()  # unreadable examples replaced, per log line and in all
+    self.bad = evaluation.BadCount()  # unreadable examples replaced, per log line and in all
     self.pending = None             # (step, device metrics): fetched one step late
 
   def read(self) -> device_input.DevicePrefetcher:

@@ -15,11 +15,11 @@ import ml_collections
 import optax
 
 from structvit_jax import device_input
+from structvit_jax import evaluation
 from structvit_jax import mixup as mixup_lib
 from structvit_jax import optim
 from structvit_jax import sharding as shard_lib
 from structvit_jax import token_label_loss
-from structvit_jax.data import evaluators
 
 
 @flax.struct.dataclass
@@ -98,7 +98,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module,
 
 def jit_eval_step(model: nn.Module, normalization: device_input.Normalization | None,
                   shardings: TrainState, mesh: jax.sharding.Mesh,
-                  outputs: Callable = evaluators.Classification.outputs) -> Callable:
+                  outputs: Callable = evaluation.Classification.outputs) -> Callable:
   """eval_step (params, batch_stats, batch) -> the evaluator's sums, jitted over `mesh`."""
   return jax.jit(functools.partial(eval_step, model=model, outputs=outputs,
                                    normalization=normalization),
@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   # uint8 -> normalised (and erased) float images, then the mixing of the recipe.
   batch = {**batch, "image": device_input.images(batch, normalization, erase_rng)}
   token_labels = token_label_loss.enabled(batch)
-  if token_labels:  # dense targets, MixToken, aux loss: token_labeling.py
+  if token_labels:  # dense targets, MixToken, aux loss: token_label_loss.py
     images, targets = token_label_loss.inputs(mix_rng, batch, num_classes, config)
   else:
     images, targets = mixup_lib.mixup_cutmix(
@@ -178,23 +178,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                             opt_state=opt_state, ema_params=ema)
   labels = batch["label"]
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                 top1=evaluators.topk_correct(logits, labels, 1).mean(),
-                 top5=evaluators.topk_correct(logits, labels, 5).mean(),
-                 **evaluators.BadCount.of(batch))
+                 top1=evaluation.topk_correct(logits, labels, 1).mean(),
+                 top5=evaluation.topk_correct(logits, labels, 5).mean(),
+                 **evaluation.BadCount.of(batch))
   return new_state, metrics
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *,
-              model: nn.Module, outputs=evaluators.Classification.outputs,
+              model: nn.Module, outputs=evaluation.Classification.outputs,
               normalization: device_input.Normalization | None = None) -> dict[str, Any]:
-  """The evaluator's sums over the batch (`outputs`: the evaluator's, data/evaluators.py);
+  """The evaluator's sums over the batch (`outputs`: the evaluator's, evaluation.py);
   uint8 images are normalised with `normalization` first."""
   x = device_input.images(batch, normalization)
   return outputs(model.apply(_variables(params, batch_stats), x, train=False), batch)
 
 
 def run_eval(eval_fn, params, batch_stats, eval_inp, mesh,
-             evaluator: evaluators.Classification) -> dict[str, float]:
+             evaluator: evaluation.Classification) -> dict[str, float]:
   """One exact pass (padded last batch, masked) of `eval_fn` (an eval_step with
   evaluator's `outputs`); returns `evaluator.result()`."""
   batches = device_input.DevicePrefetcher(

@@ -86,7 +86,7 @@ def test_unknown_variant_key_raises_listing_valid_keys(name):
 
 @pytest.mark.parametrize("name", ["k400_timesformer", "ssv2_timesformer"])
 def test_timesformer_recipes_take_every_scheme_and_the_official_solver(name):
-  from structvit_jax.data.pipeline import VIDEO_MEAN, VIDEO_STD
+  from structvit_jax.data.spec import VIDEO_MEAN, VIDEO_STD
   from structvit_jax.models.timesformer import ATTENTION_TYPES
   from structvit_jax.optim import make_schedule
   for scheme in ATTENTION_TYPES:

@@ -15,7 +15,7 @@ import pytest
 
 from structvit_jax import device_input, optim, train, train_state
 from structvit_jax.config_utils import import_sibling
-from structvit_jax.data import create_input, pipeline
+from structvit_jax.data import create_input, ops, spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST_COMPILES = True  # the train-step compiles of the loss test dominate (conftest.py)
@@ -30,12 +30,12 @@ def _demo(**fields):
 
 
 @pytest.mark.parametrize("stats, shape", [
-    ((pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD), (3, 8, 8, 3)),
-    ((pipeline.VIDEO_MEAN, pipeline.VIDEO_STD), (2, 4, 8, 8, 3))])
+    ((spec.IMAGENET_MEAN, spec.IMAGENET_STD), (3, 8, 8, 3)),
+    ((spec.VIDEO_MEAN, spec.VIDEO_STD), (2, 4, 8, 8, 3))])
 def test_device_normalization_equals_host(stats, shape):
   x = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
   x.flat[:2] = 0, 255  # both ends of the range
-  host = pipeline.Normalize(*stats).map({"image": x})["image"]
+  host = ops.Normalize(*stats).map({"image": x})["image"]
   dev = jax.jit(lambda a: device_input.normalize(a, stats))(x)
   assert dev.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(dev), host, rtol=0, atol=1e-6)
@@ -46,7 +46,7 @@ def test_uint8_input_is_the_float_input_before_normalisation():
   floats = create_input(c, "train", 8, seed=1)
   ints = create_input(c, "train", 8, seed=1, uint8=True)
   assert floats.normalization is None
-  assert ints.normalization == (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+  assert ints.normalization == (spec.IMAGENET_MEAN, spec.IMAGENET_STD)
   norm = jax.jit(functools.partial(device_input.normalize, normalization=ints.normalization))
   for _ in range(2):  # random flips included
     f, u = next(floats.iterator), next(ints.iterator)
@@ -59,9 +59,9 @@ def test_uint8_input_is_the_float_input_before_normalisation():
 
 def test_erasing_on_device_uses_the_host_box():
   clip = np.zeros((3, 16, 20, 3), np.float32)  # a clip: one box through every frame
-  host_op, box_op = pipeline.RandomErasing(1.0), pipeline.device_side(
-      [pipeline.RandomErasing(1.0)])[0][0]
-  assert isinstance(box_op, pipeline.EraseBox)
+  host_op, box_op = ops.RandomErasing(1.0), ops.device_side(
+      [ops.RandomErasing(1.0)])[0][0]
+  assert isinstance(box_op, ops.EraseBox)
   boxes, host_masks = [], []
   for seed in range(6):
     host = host_op.random_map({"image": clip}, np.random.default_rng(seed))["image"]
@@ -79,7 +79,7 @@ def test_erasing_on_device_uses_the_host_box():
   noise = out[1:][out[1:] != 0]
   assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1  # N(0, 1)
   assert not np.array_equal(out[1, 0], out[1, 1])  # fresh noise per frame
-  none = pipeline.EraseBox(0.0).random_map({"image": clip}, np.random.default_rng(0))
+  none = ops.EraseBox(0.0).random_map({"image": clip}, np.random.default_rng(0))
   np.testing.assert_array_equal(none["erase"], [0, 0, 0, 0])
 
 

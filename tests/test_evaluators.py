@@ -1,4 +1,4 @@
-"""The evaluators of data/evaluators.py on hand-made logits: exact numbers for single-view
+"""The evaluators of evaluation.py on hand-made logits: exact numbers for single-view
 classification, per-video score averaging, FineGym's mean per-class top-1, and the masking
 of padding and unreadable examples; the bad-example count of train and eval."""
 
@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from structvit_jax import evaluation as E
 from structvit_jax import run_log
-from structvit_jax.data import evaluators as E
 
 
 def _ce(logits, label):

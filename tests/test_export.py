@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from structvit_jax import checkpoint, device_input, export, inference, train, train_state
-from structvit_jax.data import synthetic, video
+from structvit_jax.data import registry, synthetic, video
 from structvit_jax.models import get_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -227,7 +227,7 @@ def test_input_spec_of_video_configs():
   assert eval_spec(k400.data) == dict(
       kind="video", image_size=224, num_frames=8, mean=[0.45] * 3, std=[0.225] * 3,
       sampling="dense", sampling_rate=8)
-  assert export.class_names(k400) is None
+  assert registry.class_names(k400.data) is None
   syn = tiny_config(**{"data.name": "synthetic_video", "data.num_frames": 4})
   assert eval_spec(syn.data)["sampling_rate"] == 1
-  assert export.class_names(syn) == list(synthetic.MOTIONS)
+  assert registry.class_names(syn.data) == list(synthetic.MOTIONS)

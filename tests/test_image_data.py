@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 
 from structvit_jax import config_utils
-from structvit_jax.data import DatasetNotFoundError, bench, builders, create_input, prepare
+from structvit_jax.data import DatasetNotFoundError, builders, create_input, prepare
 from structvit_jax.data import transforms as T
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -278,6 +278,11 @@ def test_missing_data_is_one_clear_error(tmp_path):
 
 
 def test_bench_reports_examples_per_second(prepared):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_input_pipeline", os.path.join(REPO, "benchmarks", "input_pipeline.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
   r = bench.bench(_config(prepared[0]), steps=2, warmup=1, batch_size=4)
   assert r["examples"] == 8 and r["examples_per_sec"] > 0 and r["per_worker"] > 0
 
@@ -302,8 +307,8 @@ def test_in1k_s_trains_and_evaluates_end_to_end(unchecked, tmp_path, monkeypatch
 
 def test_corrupt_record_with_workers_is_logged_once_over_eval_passes(unchecked, capfd,
                                                                      tmp_path, monkeypatch):
-  from structvit_jax.data import pipeline
-  monkeypatch.setenv(pipeline._MARKERS, str(tmp_path))  # a fresh trainer: nothing logged yet
+  from structvit_jax.data import ops
+  monkeypatch.setenv(ops.BAD_MARKERS, str(tmp_path))  # a fresh trainer: nothing logged yet
   c = _config(unchecked, num_workers=1)
   c.data.eval_split = "train"  # the split that holds the truncated file
   inp = create_input(c, "eval", 8)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from structvit_jax.data import create_input, get_dataset
-from structvit_jax.data import motion
+from structvit_jax.data import motion, registry
 
 SIZE, FRAMES = 32, 8
 
@@ -119,9 +119,8 @@ def test_create_input():
 
 
 def test_export_class_names():
-  from structvit_jax import export
   from structvit_jax.data.preprocessing import eval_spec
-  assert export.class_names(_config()) == list(motion.DIRECTIONS)
+  assert registry.class_names(_config().data) == list(motion.DIRECTIONS)
   assert eval_spec(_config().data)["sampling"] == "dense"
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from structvit_jax import inference, predict, serving, serving_export
-from structvit_jax.data.pipeline import Normalize
+from structvit_jax.data.ops import Normalize
 from structvit_jax.models import get_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from structvit_jax import cli, config_utils, export, train
-from structvit_jax.data import create_input, video, video_lists
+from structvit_jax.data import create_input, registry, video, video_lists
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST_COMPILES = True  # XLA's cheap compile mode: the end-to-end recipes' compiles (conftest.py)
@@ -94,7 +94,7 @@ def test_conversion_labels_in_tsm_order_and_missing_folders(ssv1, tmp_path):
       f"{FRAMES}/{i} {label[name]}\n" for i, (_, name) in VAL.items())
   assert (data / "train.csv.missing.txt").read_text() == "999\n"
   assert (data / "classes.txt").read_text().splitlines() == SORTED
-  assert export.class_names(ssv1_config(data)) == SORTED
+  assert registry.class_names(ssv1_config(data).data) == SORTED
   # the folder holding the <id>/ folders given explicitly; --classes sets the order
   cats = tmp_path / "category.txt"
   cats.write_text("".join(n + "\n" for n in LABELS))

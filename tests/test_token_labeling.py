@@ -25,7 +25,7 @@ from structvit_jax import token_label_loss
 from structvit_jax import train
 from structvit_jax import train_state
 from structvit_jax.data import synthetic, token_labels
-from structvit_jax.data.pipeline import RandomFlip
+from structvit_jax.data.ops import RandomFlip
 from structvit_jax.data.transforms import RandomResizedCrop
 from structvit_jax.models import get_model
 

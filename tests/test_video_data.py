@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from structvit_jax import config_utils, train, train_state
-from structvit_jax.data import DatasetNotFoundError, create_input, evaluators, video
+from structvit_jax import config_utils, evaluation, train, train_state
+from structvit_jax.data import DatasetNotFoundError, create_input, video
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST_COMPILES = True  # XLA's cheap compile mode: the end-to-end recipes' compiles (conftest.py)
@@ -257,8 +257,8 @@ def test_multi_view_eval_averages_softmax_per_video_once(data_dir):
   model = MeanPixelModel()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   eval_fn = jax.jit(functools.partial(train_state.eval_step, model=model,
-                                      outputs=evaluators.MultiViewVideo.outputs))
-  got = train_state.run_eval(eval_fn, {}, {}, inp, mesh, evaluators.MultiViewVideo(True))
+                                      outputs=evaluation.MultiViewVideo.outputs))
+  got = train_state.run_eval(eval_fn, {}, {}, inp, mesh, evaluation.MultiViewVideo(True))
   # reference: softmax per view, mean over each video's 4 views, then top-1
   probs, labels = {}, {}
   for b in inp.make_eval_iterator():
@@ -287,7 +287,7 @@ def test_video_metrics_mean_per_class():
   probs = np.array([[.9, .1], [.2, .8], [.6, .4], [.3, .7], [.1, .9]], np.float32)
   chunk = dict(probs=probs, video_id=np.array([0, 0, 1, 2, 2]), label=np.array([0, 0, 1, 1, 1]),
                mask=np.array([True, True, True, True, False]))
-  m = evaluators.video_metrics([chunk], mean_per_class=True)
+  m = evaluation.video_metrics([chunk], mean_per_class=True)
   # video 0: mean [.55,.45] -> 0 (right); 1 -> 0 (wrong); 2 -> 1 (right; masked view ignored)
   assert (m["count"], m["views"], m["top1"]) == (3, 4, pytest.approx(2 / 3))
   assert m["mean_class_top1"] == pytest.approx((1.0 + 0.5) / 2)

@@ -1,4 +1,4 @@
-"""tfds image datasets (`imagenet2012`, `image_folder`) as pipeline `DatasetSpec`s.
+"""The builder of the tfds image datasets (`imagenet2012`, `image_folder`).
 
 Read from config.data.data_dir/<tfds name>/<version>/ (ArrayRecord, written by
 `python -m structvit_jax.data.prepare` or by tfds itself for the official imagenet2012).
@@ -13,8 +13,9 @@ import os
 import ml_collections
 
 from structvit_jax.data import builders, transforms
-from structvit_jax.data.pipeline import DatasetNotFoundError, DatasetSpec, Normalize
+from structvit_jax.data.ops import Normalize
 from structvit_jax.data.preprocessing import eval_spec
+from structvit_jax.data.spec import DatasetNotFoundError, DatasetSpec
 
 
 def _missing(data: ml_collections.ConfigDict, tfds_name: str, split: str, why: str

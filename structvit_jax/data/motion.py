@@ -30,7 +30,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from structvit_jax.data.synthetic import _Source
+from structvit_jax.data.ops import Normalize
+from structvit_jax.data.spec import VIDEO_MEAN, VIDEO_STD, DatasetSpec
+from structvit_jax.data.synthetic import Source, num_examples
 
 # Class k moves at angle k * 45 degrees on screen (x right, y down).
 DIRECTIONS = ("right", "down_right", "down", "down_left", "left", "up_left", "up", "up_right")
@@ -70,7 +72,7 @@ def render_dots(direction: int, rng: np.random.Generator, num_frames: int, size:
   return (clip, positions) if return_positions else clip
 
 
-class SyntheticMotionSource(_Source):
+class SyntheticMotionSource(Source):
   """Random-access source of synthetic_motion clips {'image': uint8 [T, S, S, 3], 'label'}."""
   num_classes = len(DIRECTIONS)
   class_names = DIRECTIONS
@@ -85,8 +87,8 @@ class SyntheticMotionSource(_Source):
     self.knobs = dict(coherence=float(coherence), speed=float(speed),
                       dot_density=float(dot_density))
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    rng = self._rng(int(index))
+  def draw(self, index: int) -> dict[str, np.ndarray]:
+    rng = self._rng(index)
     label = int(rng.integers(self.num_classes))
     clip = render_dots(label, rng, self.num_frames, self.image_size, **self.knobs)
     return {"image": clip, "label": np.int32(label)}
@@ -95,21 +97,19 @@ class SyntheticMotionSource(_Source):
     return f"{super().__repr__()[:-1]}, num_frames={self.num_frames}, {self.knobs})"
 
 
-def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool):
-  """The pipeline's builder for config.data.name == 'synthetic_motion' (no augmentation:
-  a flip would swap directions)."""
-  from structvit_jax.data import pipeline
+def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  """The builder of config.data.name == 'synthetic_motion' (no augmentation: a flip would
+  swap directions)."""
   del train
   size, frames = data.image_size, data.num_frames
   source = SyntheticMotionSource(
-      split, pipeline._num_examples(data, split), size, frames,
+      split, num_examples(data, split), size, frames,
       seed=data.get("generator_seed", 0),
       **{k: float(data.get(k, v)) for k, v in DEFAULTS.items()})
   # config.data.mean / std (base default: the video datasets' 0.45 / 0.225); the dots' own
   # statistics are about 0.08 / 0.27 (dot_density; benchmarks/table1.py's DeiT uses them).
-  norm = pipeline.Normalize(tuple(data.get("mean", pipeline.VIDEO_MEAN)),
-                            tuple(data.get("std", pipeline.VIDEO_STD)))
-  return pipeline.DatasetSpec(source, source.num_classes, (frames, size, size, 3), (norm,))
+  norm = Normalize(tuple(data.get("mean", VIDEO_MEAN)), tuple(data.get("std", VIDEO_STD)))
+  return DatasetSpec(source, source.num_classes, (frames, size, size, 3), (norm,))
 
 
 def write_gif(path: str, clip: np.ndarray, frame_ms: int = 125) -> None:

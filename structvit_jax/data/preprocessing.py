@@ -7,9 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from structvit_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
-
-DEFAULT_EVAL_CROP_RATIO = 0.875  # timm/DeiT crop_pct: shorter side to size / 0.875, centre crop
+from structvit_jax.data import registry
+from structvit_jax.data.spec import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 
 
 def default_spec(kind: str, image_size: int, num_frames: int = 0, **fields: Any
@@ -23,8 +22,8 @@ def default_spec(kind: str, image_size: int, num_frames: int = 0, **fields: Any
 
 
 def eval_spec(data: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The eval preprocessing of config.data's dataset (pipeline.py, images.py, video.py)."""
-  synthetic = data.name.startswith("synthetic_")
+  """The eval preprocessing of config.data's dataset (synthetic.py, images.py, video.py)."""
+  synthetic = registry.get(data.name).builtin
   frames = int(data.num_frames or 0)
   if frames > 0:
     # synthetic_video clips are exactly num_frames frames at image_size, normalised with
@@ -44,9 +43,8 @@ def eval_spec(data: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def eval_views(data: ml_collections.ConfigDict) -> dict[str, int]:
   """The test views evaluation scores per video and averages ({test_clips, test_crops}) for
-  the video datasets evaluated by view (evaluators.MultiViewVideo), else {} (one view); an
+  the video datasets evaluated by view (evaluation.MultiViewVideo), else {} (one view); an
   export records them for `inference.Predictor` next to eval_spec."""
-  from structvit_jax.data import pipeline
-  if pipeline._BUILDERS.get(data.name) is not pipeline._video or not data.num_frames:
+  if not registry.get(data.name).views or not data.num_frames:
     return {}
   return dict(test_clips=int(data.test_clips), test_crops=int(data.test_crops))

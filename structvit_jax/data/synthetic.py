@@ -1,4 +1,5 @@
-"""Built-in procedural datasets: seeded, deterministic per index, nothing to download.
+"""Built-in procedural datasets (synthetic_image, synthetic_video): seeded, deterministic
+per index, nothing to download; their renderers, sources and builder.
 
 Both are random-access sources (`__len__`, `__getitem__` -> {'image': uint8, 'label':
 int32}), so grain reads them exactly like a prepared tfds ArrayRecord source; the pipeline
@@ -21,7 +22,13 @@ example can be regenerated on its own (resumable, shardable, multi-worker).
 
 from __future__ import annotations
 
+import threading
+import ml_collections
 import numpy as np
+
+from structvit_jax.data.ops import Normalize, RandomFlip
+from structvit_jax.data.spec import (IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD,
+                                     DatasetSpec)
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 STRIPES = ("horizontal", "vertical")
@@ -173,8 +180,15 @@ def render_clip(motion: int, rng: np.random.Generator, num_frames: int, size: in
   return (clip, np.asarray(states)) if return_states else clip
 
 
-class _Source:
-  """Random-access source (grain's RandomAccessDataSource protocol)."""
+CACHE_BYTES = 512 << 20   # a split up to this size is drawn once, then kept in memory
+_DRAWING = threading.Lock()  # grain reads with threads: each split is drawn once
+
+
+class Source:
+  """Random-access source (grain's RandomAccessDataSource protocol). While a split fits
+  CACHE_BYTES, the first read draws all of it and keeps it (read-only arrays): a training
+  run draws each example once instead of once per epoch, and the first batch, which the
+  trainer reads while it compiles, pays for it. Each example still comes from its own rng."""
 
   num_classes: int
 
@@ -182,6 +196,7 @@ class _Source:
     if split not in SPLITS:
       raise ValueError(f"{type(self).__name__}: unknown split {split!r}; valid: {sorted(SPLITS)}")
     self.split, self.num_examples, self.image_size, self.seed = split, num_examples, image_size, seed
+    self._cache: dict[str, np.ndarray] | None = None  # the whole split, once read
 
   def __len__(self) -> int:
     return self.num_examples
@@ -191,22 +206,38 @@ class _Source:
       raise IndexError(f"index {index} out of range for {self!r}")
     return np.random.default_rng((self.seed, SPLITS[self.split], index))
 
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    self._rng(index)  # range check
+    size = self.image_size ** 2 * 3 * max(1, getattr(self, "num_frames", 1))
+    if self.num_examples * size > CACHE_BYTES:
+      return self.draw(index)
+    if self._cache is None:
+      with _DRAWING:
+        if self._cache is None:
+          items = [self.draw(i) for i in range(self.num_examples)]  # subclasses: one example
+          cache = {k: np.stack([e[k] for e in items]) for k in items[0]}
+          for v in cache.values():
+            v.flags.writeable = False
+          self._cache = cache
+    return {k: v[index] for k, v in self._cache.items()}
+
   def __repr__(self) -> str:
     return (f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
             f"image_size={self.image_size}, seed={self.seed})")
 
 
-class SyntheticImageSource(_Source):
+class SyntheticImageSource(Source):
   num_classes = len(IMAGE_CLASSES)
   class_names = IMAGE_CLASSES
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    rng = self._rng(int(index))
+  def draw(self, index: int) -> dict[str, np.ndarray]:
+    rng = self._rng(index)
     label = int(rng.integers(self.num_classes))
     return {"image": render_image(label, rng, self.image_size), "label": np.int32(label)}
 
 
-class SyntheticVideoSource(_Source):
+class SyntheticVideoSource(Source):
   num_classes = len(MOTIONS)
   class_names = MOTIONS
 
@@ -215,8 +246,29 @@ class SyntheticVideoSource(_Source):
     super().__init__(split, num_examples, image_size, seed)
     self.num_frames = num_frames
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    rng = self._rng(int(index))
+  def draw(self, index: int) -> dict[str, np.ndarray]:
+    rng = self._rng(index)
     label = int(rng.integers(self.num_classes))
     clip = render_clip(label, rng, self.num_frames, self.image_size)
     return {"image": clip, "label": np.int32(label)}
+
+
+def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
+  """A built-in split's size: config.data.train_examples / eval_examples."""
+  return int(data.train_examples if split == data.train_split else data.eval_examples)
+
+
+def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> DatasetSpec:
+  """synthetic_image (flipped in training if random_flip) or synthetic_video (no flip: it
+  would swap 'left' and 'right', as for Something-Something)."""
+  size, n, seed = data.image_size, num_examples(data, split), data.generator_seed
+  if data.name == "synthetic_image":
+    source = SyntheticImageSource(split, n, size, seed=seed)
+    flip = (RandomFlip(),) if train and data.random_flip else ()
+    return DatasetSpec(source, source.num_classes, (size, size, 3),
+                       flip + (Normalize(IMAGENET_MEAN, IMAGENET_STD),))
+  if data.num_frames <= 0:
+    raise ValueError("synthetic_video needs config.data.num_frames > 0")
+  source = SyntheticVideoSource(split, n, size, data.num_frames, seed=seed)
+  return DatasetSpec(source, source.num_classes, (data.num_frames, size, size, 3),
+                     (Normalize(VIDEO_MEAN, VIDEO_STD),))

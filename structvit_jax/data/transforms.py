@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from structvit_jax.data import token_labels
-from structvit_jax.data.pipeline import IMAGENET_MEAN, RandomErasing, RandomFlip, warn_bad_once
-from structvit_jax.data.preprocessing import DEFAULT_EVAL_CROP_RATIO
+from structvit_jax.data.ops import RandomErasing, RandomFlip, warn_bad_once
+from structvit_jax.data.spec import DEFAULT_EVAL_CROP_RATIO, IMAGENET_MEAN
 
 BICUBIC = Image.Resampling.BICUBIC
 Element = dict[str, Any]
@@ -45,7 +45,7 @@ class DecodedImages:
   i+2, ...). Output: dict(image=PIL RGB, label=int32, bad=int32 1 if replaced), plus the
   record's other keys but file_name (a token label map goes with its own image).
 
-  Each bad record is logged once (pipeline.warn_bad_once) with its path, however many
+  Each bad record is logged once (ops.warn_bad_once) with its path, however many
   pipelines (train, eval passes, workers) read it; eval masks the stand-in out (MaskBad).
   """
 

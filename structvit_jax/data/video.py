@@ -53,13 +53,11 @@ import grain
 import ml_collections
 import numpy as np
 
-from structvit_jax.data.pipeline import (DatasetNotFoundError, DatasetSpec, Normalize,
-                                         RandomErasing, RandomFlip, warn_bad_once)
+from structvit_jax.data import registry
+from structvit_jax.data.ops import Normalize, RandomErasing, RandomFlip, warn_bad_once
 from structvit_jax.data.preprocessing import eval_spec
+from structvit_jax.data.spec import DatasetNotFoundError, DatasetSpec
 
-# Default class counts (config.data.num_classes overrides, e.g. FineGym Gym99).
-VIDEO_DATASETS = {"kinetics400": 400, "ssv1": 174, "ssv2": 174, "diving48": 48,
-                  "finegym": 288}
 FRAME_EXTS = (".jpg", ".jpeg", ".png")  # frame folders: image files named by frame number
 MAX_RETRIES = 10          # train: replacements tried before giving up (SlowFast NUM_RETRIES)
 SEEK_MIN_FRAMES = 32      # seek first only when the first needed frame is this far in
@@ -474,7 +472,7 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   if not os.path.isfile(path):
     raise DatasetNotFoundError(f"dataset {name!r} (split {split!r}): list file {path!r} "
                                f"does not exist. {_howto(data)}")
-  num_classes = int(data.num_classes or VIDEO_DATASETS[name])
+  num_classes = int(data.num_classes or registry.get(name).num_classes)
   entries = read_list(path, root, num_classes)
   if not entries:
     raise DatasetNotFoundError(f"dataset {name!r}: list file {path!r} lists no videos.")

@@ -1,6 +1,6 @@
 r"""Throughput of the input pipeline alone (no model): examples/s, total and per worker.
 
-  python -m structvit_jax.data.bench --config=configs/in1k_s.py \
+  python benchmarks/input_pipeline.py --config=configs/in1k_s.py \
       --config.data.data_dir=/data/tfds [--steps=50] [--batch_size=128] [--split=train]
 
 Runs the training (or eval) input of the config as the trainer builds it for one process
@@ -14,13 +14,16 @@ dtypes and shapes printed with it.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from structvit_jax.data import pipeline
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from structvit_jax.data import pipeline  # noqa: E402  (after the checkout is on the path)
 
 FLAGS = flags.FLAGS
 

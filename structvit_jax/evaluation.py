@@ -1,4 +1,4 @@
-"""Evaluation per dataset kind, and the one count of unreadable ('bad') examples.
+"""Evaluation metrics per dataset kind, and the one count of unreadable ('bad') examples.
 
 `evaluator_for(config)`: a fresh evaluator for one eval pass. The trainer's jitted eval step
 returns its `outputs(logits, batch)` (sums over the real examples, replicated to every
@@ -133,7 +133,7 @@ def video_metrics(chunks: list[dict[str, np.ndarray]], mean_per_class: bool
 
 def evaluator_for(config: ml_collections.ConfigDict) -> Classification:
   """A fresh evaluator for one pass over config's eval split."""
-  from structvit_jax.data import pipeline  # video.py would import PyAV
-  if pipeline._BUILDERS.get(config.data.name) is pipeline._video:
+  from structvit_jax.data import registry
+  if registry.get(config.data.name).views:
     return MultiViewVideo(mean_per_class=config.data.mean_per_class)
   return Classification()
