@@ -335,12 +335,6 @@ def _data_iter_digests(data_iter: Any) -> dict[str, str]:
           for i in range(n)}
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def _try_restore(directory: str, s: int, abstract_state: Any, data_iter: Any,
                  check: Callable[[int, Any], None] | None, checksums: bool
                  ) -> tuple[Any, tuple[str, str] | None, bool]:
@@ -516,7 +510,9 @@ class Checkpointer:
       if not self.read_only:
         where = (f"moved to {self._move_aside(s, tag)}" if jax.process_index() == 0
                  else "moved aside by process 0")
-        _barrier(f"checkpoint-unusable-{s}")  # every process lists the steps after the move
+        if jax.process_count() > 1:  # every process lists the steps after the move
+          from jax.experimental import multihost_utils
+          multihost_utils.sync_global_devices(f"checkpoint-unusable-{s}")
         self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)
       rest = [x for x in steps if x < s]
@@ -547,12 +543,6 @@ class Checkpointer:
     finally:
       if not self._failed:
         self.manager.close()
-
-
-def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, shardings)
 
 
 class SigtermFlag:

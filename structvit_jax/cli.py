@@ -118,11 +118,6 @@ def report(e: BaseException, argv: Sequence[str], workdir: str | None = None) ->
   return 1
 
 
-def _absl_handler() -> Any:
-  from absl import logging as absl_logging
-  return absl_logging.get_absl_handler()
-
-
 def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], None] | None
         = None, workdir_flag: str | None = "workdir", argv: list[str] | None = None) -> None:
   """absl's app.run(main) with the handling of the module docstring.
@@ -133,6 +128,7 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
   """
   from absl import app
   from absl import flags
+  from absl import logging as absl_logging
   FLAGS = flags.FLAGS
   if "verbose" not in FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the traceback of errors.")
@@ -158,7 +154,7 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
     if workdir_flag and workdir_flag in FLAGS:
       workdir = FLAGS[workdir_flag].value
     if workdir and any(isinstance(f, _LibraryNoise)
-                       for f in _absl_handler().filters):
+                       for f in absl_logging.get_absl_handler().filters):
       library_log.set_path(Workdir(workdir).library_log)
     try:
       return main(args)

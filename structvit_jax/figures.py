@@ -120,16 +120,13 @@ def capture(model: Any, variables: Mapping[str, Any], x: Any, index: int = 0,
   if not caps:
     raise ValueError(f"{type(model).__name__} has no StructSA layers to capture (UniFormer, "
                      "StructViT and DeiT have them; TimeSformer does not)")
-  return jax.device_get(logits), dict(sorted(caps.items(), key=lambda kv: _layer_order(kv[0])))
+  # blocks3_10 after blocks3_9: numeric parts compare as numbers.
+  order = lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]
+  return jax.device_get(logits), dict(sorted(caps.items(), key=order))
 
 
 def _np_or_none(a):
   return None if a is None else np.asarray(jax.device_get(a), np.float32)
-
-
-def _layer_order(name: str):
-  # blocks3_10 after blocks3_9: numeric parts compare as numbers.
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def default_layer(caps: Mapping[str, Capture]) -> str:

@@ -85,8 +85,9 @@ class _Setup:
     self.tx = optim.make_optimizer(config, self.schedule)
     self.abstract_state, self.shardings, self.init = train_state.make_init(
         config, self.model, self.tx, self.input_shape, self.mesh, config.seed)
-    self.abstract_sharded = ckpt_lib.abstract_with_shardings(self.abstract_state,
-                                                             self.shardings)
+    self.abstract_sharded = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.abstract_state, self.shardings)
     self.new_evaluator = lambda: evaluation.evaluator_for(config)
     self.eval_fn = train_state.jit_eval_step(self.model, self.eval_inp.normalization,
                                              self.shardings, self.mesh,

@@ -215,11 +215,6 @@ def ssv1_entries(list_csv: str, classes: Sequence[str]) -> list[Entry]:
   return out
 
 
-def index_frame_folders(root: str, entries: Sequence[Entry]) -> dict[str, str]:
-  """{id: id} for the entries whose folder root/<id> exists (looked up, not walked)."""
-  return {n: n for e in entries for n in e.names if os.path.isdir(os.path.join(root, n))}
-
-
 # ----------------------------------------------------------------------------- videos
 
 
@@ -315,7 +310,9 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
     videos = SSV1_FRAMES
   root = os.path.join(data_dir, videos) if videos else data_dir
   if dataset == "ssv1":
-    found = index_frame_folders(root, [x for e in entries.values() for x in e])
+    # {id: id} for the entries whose folder root/<id> exists (looked up, not walked)
+    found = {n: n for e in entries.values() for x in e for n in x.names
+             if os.path.isdir(os.path.join(root, n))}
   else:
     found, duplicates = index_videos(root)
     if duplicates:
