@@ -53,12 +53,7 @@ def list_steps(directory: str) -> list[int]:
 
 def _paths(tree: Any) -> dict[str, tuple[int, ...]]:
   """'a/b/c' -> shape for every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
-  def name(k):
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        return str(getattr(k, attr))
-    return str(k)
-  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+  return {checksums_lib.leaf_name(path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
