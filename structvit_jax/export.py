@@ -86,24 +86,6 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {e}{hint}") from None
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = Workdir(workdir).config_json
-  if not paths.isfile(path):
-    raise ExportError(
-        f"{path} not found: the model config is written there when training starts "
-        f"(python -m structvit_jax.main --config=... --workdir={workdir}); runs from before "
-        f"it was written: start that command again with the same config (it resumes from "
-        f"the newest checkpoint and writes config.json).")
-  return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
-
-
-def _head_classes(params: Any) -> int:
-  head = params.get("head") if isinstance(params, dict) else None
-  if not head or "kernel" not in head:
-    raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint params")
-  return int(np.shape(head["kernel"])[-1])
-
-
 def provenance(workdir: str, config: ml_collections.ConfigDict, step: int, ema: bool
                ) -> dict[str, Any]:
   """What the model card says of the training run: dataset, planned steps, the exported
@@ -142,7 +124,14 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   if not paths.isdir(workdir):
     raise ExportError(f"--workdir={workdir} is not a directory (the --workdir of a "
                       "training run)")
-  config = read_config(workdir)
+  path = Workdir(workdir).config_json
+  if not paths.isfile(path):
+    raise ExportError(
+        f"{path} not found: the model config is written there when training starts "
+        f"(python -m structvit_jax.main --config=... --workdir={workdir}); runs from before "
+        f"it was written: start that command again with the same config (it resumes from "
+        f"the newest checkpoint and writes config.json).")
+  config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
   steps = ckpt_lib.list_steps(Workdir(workdir).checkpoints)  # the finished steps
   if not steps:
     raise ExportError(f"no checkpoint in {Workdir(workdir).checkpoints} "
@@ -154,7 +143,10 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   state = _read_checkpoint(workdir, config, step, steps)
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]
-  num_classes = _head_classes(params)
+  head = params.get("head") if isinstance(params, dict) else None
+  if not head or "kernel" not in head:
+    raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint params")
+  num_classes = int(np.shape(head["kernel"])[-1])
   names = registry.class_names(config.data)
   if names is not None and len(names) != num_classes:
     names = None  # e.g. a dataset with config.data.num_classes overriding its label list

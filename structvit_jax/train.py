@@ -48,18 +48,6 @@ def train_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[i
   return total, steps_per_epoch
 
 
-def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
-  return {k: b[k] for k in ("image", "label", "bad", "erase", *token_label_loss.KEYS) if k in b}
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
-  # state is known to fit it (after a restore or a fresh start), atomically.
-  if jax.process_index() == 0:
-    paths.write_atomic(Workdir(workdir).config_json, config.to_json_best_effort(indent=2))
-
-
 class _Setup:
   """Everything train and eval share: inputs, model, optimiser, shardings, jitted fns."""
 
@@ -169,7 +157,9 @@ class _Loop:
     mesh = self.setup.mesh
     self.batches = device_input.DevicePrefetcher(
         self.setup.train_inp.iterator,
-        lambda b: shard_lib.global_batch(mesh, _train_batch(b)))
+        # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
+        lambda b: shard_lib.global_batch(mesh, {k: b[k] for k in (
+            "image", "label", "bad", "erase", *token_label_loss.KEYS) if k in b}))
     return self.batches
 
   def start(self, times: startup.StartupTimes) -> tuple[TrainState, Any]:
@@ -298,7 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   loop = _Loop(setup, config)
   try:
     state, first_batch = loop.start(times)
-    _write_config(config, workdir)
+    # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
+    # state is known to fit it (after a restore or a fresh start), atomically.
+    if jax.process_index() == 0:
+      paths.write_atomic(Workdir(workdir).config_json, config.to_json_best_effort(indent=2))
     loop.writer = run_log.MetricWriter(workdir)
     _log_model_size(setup, loop.writer)
     times.mark("model size")

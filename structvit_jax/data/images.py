@@ -67,5 +67,6 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
         size, norm, scale=tuple(data.crop_scale), flip=data.random_flip,
         randaugment=data.randaugment, random_erase=data.random_erase, mean=spec["mean"])
   else:
-    ops = (transforms.MaskBad(),) + transforms.deit_eval(size, norm, spec["crop_ratio"])
+    ops = (transforms.MaskBad(), transforms.ResizeCenterCrop(size, spec["crop_ratio"]),
+           transforms.ToArray(), norm())
   return DatasetSpec(source, num_classes, (size, size, 3), ops)

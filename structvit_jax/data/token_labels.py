@@ -170,19 +170,13 @@ def _label_files(src: str) -> tuple[dict[str, str], Any]:
   return keys, read
 
 
-def _find(keys: dict[str, str], name: str) -> str | None:
-  for k in (label_key(name), os.path.splitext(os.path.basename(name))[0]):
-    if keys.get(k):
-      return keys[k]
-  return None
-
-
 def prepare(src: str, names: Sequence[str], out_dir: str, split: str, num_classes: int,
             dataset: str = "") -> dict[str, Any]:
   """Writes the maps of the records `names` (in record order) to out_dir/split; returns
   the info. Refuses a split the labels do not cover, before writing anything."""
   keys, read = _label_files(src)
-  members = [_find(keys, n) for n in names]
+  members = [keys.get(label_key(n)) or keys.get(os.path.splitext(os.path.basename(n))[0])
+             or None for n in names]
   missing = [n for n, m in zip(names, members) if m is None]
   if missing:
     raise TokenLabelError(
