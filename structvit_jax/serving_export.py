@@ -273,23 +273,13 @@ def _serving_files(serving: dict[str, Any], files: dict[str, int]) -> list[str]:
   lines = ["## Files", "", "| format | files | size | load with |", "|---|---|---|---|",
            f"| Flax / Orbax | `params/`, `model.json` | {_size(files.get('params', 0))} | "
            "`structvit_jax.inference.load(DIR).predict(files)` (this package, Flax) |"]
+  notes = []
   if "stablehlo" in serving:
     s = serving["stablehlo"]
     lines.append(
         f"| StableHLO (jax.export) | `{s['file']}` | {_size(s['bytes'])} | "
         "`structvit_jax.serving.load(DIR)(x)` (jax + numpy only), or "
         f"`jax.export.deserialize(open('DIR/{s['file']}', 'rb').read()).call(x)` |")
-  if "onnx" in serving:
-    o = serving["onnx"]
-    lines.append(
-        f"| ONNX (opset {o['opset']}) | {', '.join(f'`{f}`' for f in o['files'])} | "
-        f"{_size(o['bytes'])} | `onnxruntime.InferenceSession('DIR/{o['file']}')"
-        ".run(None, {'input': x})[0]` |")
-  lines += ["", "Command line (any format's model): `python -m structvit_jax.predict "
-            "--model=DIR [--backend=stablehlo] FILE...`.", ""]
-  notes = []
-  if "stablehlo" in serving:
-    s = serving["stablehlo"]
     notes.append(f"- model.stablehlo: lowered for {', '.join(s['platforms'])} with jax "
                  f"{s['jax_version']} (calling convention {s['calling_convention_version']}); "
                  "best run with that jaxlib, newer ones within jax.export's compatibility "
@@ -297,9 +287,15 @@ def _serving_files(serving: dict[str, Any], files: dict[str, int]) -> list[str]:
                  "check its cpu lowering against the Flax model (cuda and tpu: lowered only).")
   if "onnx" in serving:
     o = serving["onnx"]
+    lines.append(
+        f"| ONNX (opset {o['opset']}) | {', '.join(f'`{f}`' for f in o['files'])} | "
+        f"{_size(o['bytes'])} | `onnxruntime.InferenceSession('DIR/{o['file']}')"
+        ".run(None, {'input': x})[0]` |")
     notes.append(f"- model.onnx: jax2onnx {o['jax2onnx_version']}; onnxruntime "
                  f"{o['onnxruntime_version']} (CPU) agreed with JAX to "
                  f"{o['onnxruntime_max_abs_diff']:.2g} (max abs logit) when written.")
+  lines += ["", "Command line (any format's model): `python -m structvit_jax.predict "
+            "--model=DIR [--backend=stablehlo] FILE...`.", ""]
   if notes:
     lines += ["## Notes", "", *notes, ""]
   return lines
