@@ -51,9 +51,10 @@ def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str
 
 
 def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
-                     steps: list[int]) -> dict[str, Any]:
-  """The arrays of checkpoint `step`, after checking they are complete and are the
-  recorded model's; else ExportError naming the step, why, and the --step to try."""
+                     steps: list[int]) -> tuple[dict[str, Any], int]:
+  """(the arrays of checkpoint `step`, its number of classes), after checking they are
+  complete and are the recorded model's; else ExportError naming the step, why, and the
+  --step to try."""
   checkpoints = Workdir(paths.abspath(workdir)).checkpoints
   step_dir = os.path.join(checkpoints, str(step))
   older = [s for s in steps if s < step]
@@ -63,8 +64,6 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {bad[1]}{hint}")
   try:
     metadata = ckpt_lib.state_metadata(os.path.join(step_dir, "state"))
-    if metadata is None:
-      raise ValueError("Orbax read no array metadata")
     num_classes = int(metadata["params"]["head"]["kernel"].shape[-1])
   except KeyError:
     raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint "
@@ -81,7 +80,7 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} does not fit the recorded model "
                       f"{config.model.name} ({Workdir(workdir).config_json}): {diff}")
   try:
-    return ckpt_lib.read_step_arrays(checkpoints, step)
+    return ckpt_lib.read_step_arrays(checkpoints, step), num_classes
   except ckpt_lib.CheckpointError as e:
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {e}{hint}") from None
 
@@ -140,13 +139,9 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
     step = steps[-1]
   elif step not in steps:
     raise ExportError(f"no checkpoint of step {step} in {workdir}; steps: {steps}")
-  state = _read_checkpoint(workdir, config, step, steps)
+  state, num_classes = _read_checkpoint(workdir, config, step, steps)
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]
-  head = params.get("head") if isinstance(params, dict) else None
-  if not head or "kernel" not in head:
-    raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint params")
-  num_classes = int(np.shape(head["kernel"])[-1])
   names = registry.class_names(config.data)
   if names is not None and len(names) != num_classes:
     names = None  # e.g. a dataset with config.data.num_classes overriding its label list
