@@ -8,6 +8,7 @@ Steps are listed by Orbax's step-name format (`list_steps`), so a step renamed
 `<step>.unusable-<reason>` (README.md, "Faults on resume") is no longer one.
 """
 
+import json
 import os
 import signal
 import threading
@@ -319,7 +320,11 @@ def _data_iter_digests(data_iter: Any) -> dict[str, str]:
   (a collective with several processes)."""
   if data_iter is None:
     return {}
-  digest = checksums_lib.text_digest(checksums_lib.data_iter_text(data_iter))
+  # The exact text grain's checkpoint handler writes for `data_iter` (grain.checkpoint).
+  from grain._src.python.dataset import dataset
+  digest = checksums_lib.text_digest(
+      json.dumps(data_iter.get_state(), indent=4)
+      if isinstance(data_iter, dataset.DatasetIterator) else data_iter.get_state().decode())
   n = jax.process_count()
   if n == 1:
     return {data_iter_name(): digest}
@@ -496,8 +501,8 @@ class Checkpointer:
         logging.info("Checkpoint: restored step %d from %s", s, self.directory)
         return out["state"], s
       tag, why = bad
+      older = [x for x in steps if x < s]
       if not fallback or step is not None:
-        older = [x for x in steps if x < s]
         raise CheckpointError(
             f"checkpoint step {s} in {self.directory} is unusable: {why}"
             + (f"; an older step: {older[-1]}" if older else ""))
@@ -510,9 +515,8 @@ class Checkpointer:
           multihost_utils.sync_global_devices(f"checkpoint-unusable-{s}")
         self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)
-      rest = [x for x in steps if x < s]
       logging.warning("Checkpoint step %d in %s is unusable: %s; %s; %s.", s, self.directory,
-                      why, where, f"trying step {rest[-1]}" if rest else "no older step")
+                      why, where, f"trying step {older[-1]}" if older else "no older step")
     raise CheckpointError(
         f"no checkpoint in {self.directory} restores (unusable: steps {skipped}, moved "
         f"aside as <step>.unusable-*); run again to start from step 0, or restore them")

@@ -117,7 +117,9 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
   ckptr.wait_until_finished()
   ckptr.close()
   from structvit_jax import checksums
-  checksums.write_export(out_dir, tree)  # before model.json, which marks a whole export
+  # The fingerprints of the arrays, before model.json (which marks a whole export).
+  paths.write_atomic(f"{out_dir.rstrip('/')}/{checksums.EXPORT_FILE}",
+                     json.dumps(checksums.record(checksums.fingerprints(tree)), indent=1))
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
   meta_path = os.path.join(out_dir, "model.json")

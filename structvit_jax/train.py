@@ -7,6 +7,7 @@ the overlapped start-up startup.py's, the config checks config_checks.py's.
 """
 
 import math
+import os
 import time
 from typing import Any
 
@@ -54,7 +55,9 @@ class _Setup:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                devices: list[jax.Device] | None, train: bool):
     shard_lib.initialize_distributed(config)
-    shard_lib.log_topology()
+    logging.info("JAX process %d / %d; local devices %d, global devices %d (%s); pid %d",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform, os.getpid())
     self.mesh = shard_lib.make_mesh(devices)
     config_checks.check_batch_sizes(config, self.mesh.devices.size)
     nproc = jax.process_count()

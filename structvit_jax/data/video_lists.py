@@ -136,10 +136,7 @@ def read_kinetics_csv(path: str) -> list[dict[str, str]]:
 
 def read_classes(path: str) -> list[str]:
   """Class names in label order: one a line, or `name<TAB>index` lines in any order."""
-  try:
-    lines = [l.rstrip("\n") for l in open(path) if l.strip()]
-  except OSError as e:
-    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  lines = [l for l in _read_lines(path) if l.strip()]
   pairs = [l.rsplit("\t", 1) for l in lines]
   if all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
     order = sorted((int(i), name.strip()) for name, i in pairs)
