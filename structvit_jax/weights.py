@@ -6,7 +6,8 @@ Two steps, shared by `python -m structvit_jax.convert` and `config.init_from`:
   2. `fit(src, abstract, init_fn, ...)`: src (flax paths: torch, an export, a training
      checkpoint) onto the target's structure and shapes.
 Unmapped keys, missing leaves and shapes that do not fit are errors listing them all. Model
-parameter names live in the families' rules (`Family`, models/<family>_weights.py).
+parameter names live in the families' rules (`Family`: UniFormer's and DeiT's below,
+TimeSformer's and StructSA's in models/<family>_weights.py).
 """
 
 from __future__ import annotations
@@ -53,10 +54,19 @@ class Family:
   infer_kwargs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
 
 
+# UniFormer's rules: its classifiers, and the video model as the image model whose conv
+# kernels gain a leading T axis (inflation).
+UNIFORMER = Family(heads=("head", "aux_head"), inflatable=("kernel",))
+# DeiT's ("DeiT on clips"): timm/DeiT's `patch_embed.proj` is our `patch_embed`; an image DeiT
+# into the video DeiT inflates the patch kernel (UniFormer's rule for every `kernel`) and
+# fills `time_embed` with its zero init (TimeSformer's rule for a source without one).
+DEIT = Family(heads=("head",), torch_renames=(("patch_embed.proj.", "patch_embed."),))
+
+
 @functools.cache
 def families() -> tuple[Family, ...]:  # imported on first use: the modules import this one
-  return tuple(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
-               for m in ("uniformer", "timesformer", "structsa", "deit"))
+  return (UNIFORMER, *(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
+                       for m in ("timesformer", "structsa")), DEIT)
 
 
 def _names(field: str) -> set[str]:
