@@ -143,16 +143,13 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
       known = classify(e)
       if known is None:  # e.g. an error inside a config file found only by the flag
         known = (2, f"bad command line: {type(e).__name__}: {e}")
-        e = UserError(known[1])
       if _verbose(args):
         traceback.print_exc()
       print(f"error: {_one_line(known[1])}", file=sys.stderr, flush=True)
       sys.exit(known[0])
 
   def wrapped(args: list[str]) -> Any:
-    workdir = None
-    if workdir_flag and workdir_flag in FLAGS:
-      workdir = FLAGS[workdir_flag].value
+    workdir = FLAGS[workdir_flag].value if workdir_flag and workdir_flag in FLAGS else None
     if workdir and any(isinstance(f, _LibraryNoise)
                        for f in absl_logging.get_absl_handler().filters):
       library_log.set_path(Workdir(workdir).library_log)

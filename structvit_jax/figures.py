@@ -267,18 +267,17 @@ def _mark(ax, pos: tuple[int, int], grid: tuple[int, int], extent: tuple[float, 
 def _map_panel(ax, m: np.ndarray | None, image: np.ndarray | None, title: str, query2d=None,
                grid2d=None, vmax=None):
   """A 2-D map over the token grid, over the image if given (nearest upsampling)."""
+  extent = None
   if image is not None:
-    h, w = image.shape[:2]
+    h, w = extent = image.shape[:2]
     ax.imshow(image, extent=(0, w, h, 0))
     if m is not None:
       ax.imshow(m, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
                 vmin=0, vmax=vmax)
-    if query2d is not None:
-      _mark(ax, query2d, grid2d, (h, w))
   else:
     ax.imshow(m, cmap="inferno", interpolation="nearest", vmin=0, vmax=vmax)
-    if query2d is not None:
-      _mark(ax, query2d, grid2d, None)
+  if query2d is not None:
+    _mark(ax, query2d, grid2d, extent)
   ax.set_title(title, fontsize=9)
   ax.set_xticks([])
   ax.set_yticks([])

@@ -391,10 +391,9 @@ class ExportedPredictor(Predictor):
 
   def __init__(self, served: Any, input_spec: dict[str, Any],
                class_names: Sequence[str] | None, meta: dict[str, Any] | None = None):
-    self.model, self.variables, self.served = None, None, served
-    self.input_spec, self.meta = input_spec, meta or {}
-    self.class_names = (list(class_names) if class_names is not None
-                        else list(served.class_names))
+    super().__init__(None, None, input_spec,
+                     served.class_names if class_names is None else class_names, meta)
+    self.served = served
     if served.input_shape != self.input_shape:
       raise ValueError(f"model.stablehlo takes {served.input_shape}, model.json's input "
                        f"is {self.input_shape}")
