@@ -8,6 +8,7 @@ Steps are listed by Orbax's step-name format (`list_steps`), so a step renamed
 `<step>.unusable-<reason>` (README.md, "Faults on resume") is no longer one.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -84,11 +85,8 @@ def state_metadata(state_dir: str) -> Any:
   Read with the handler, not a Checkpointer: a damaged index raises here (a Checkpointer
   logs a warning and returns None), and there is no cross-process barrier to leave the
   other processes waiting at when this one fails."""
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     metadata = handler.metadata(paths.epath(state_dir))
-  finally:
-    handler.close()
   if metadata is None:
     raise ValueError(f"no array metadata in {state_dir}")
   return metadata
@@ -99,12 +97,9 @@ def restore_items(step_dir: str, abstract_state: Any, data_iter: Any = None) -> 
   in place. Through the handlers, not the CheckpointManager: its restore ends at a barrier
   that a process whose read failed never reaches (the others would wait there while it
   asks them whether to fall back); Checkpointer.restore agrees on the outcome instead."""
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     state = handler.restore(paths.epath(os.path.join(step_dir, "state")),
                             args=ocp.args.StandardRestore(abstract_state))
-  finally:
-    handler.close()
   if data_iter is not None:
     from grain._src.python.checkpoint import handler as grain_handler
     grain_handler.CheckpointHandler().restore(
@@ -150,11 +145,8 @@ def restore_arrays(path: str) -> dict[str, Any]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         state_metadata(path))
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     return handler.restore(paths.epath(path), args=ocp.args.StandardRestore(target))
-  finally:
-    handler.close()
 
 
 def _read_step(directory: str, step: int) -> tuple[Any, dict | None]:
@@ -348,9 +340,7 @@ def _try_restore(directory: str, s: int, abstract_state: Any, data_iter: Any,
   record = metadata = None
   if bad is None:
     try:
-      metadata = state_metadata(os.path.join(step_dir, "state"))
-      if metadata is None:  # what Orbax returns when the array index does not read
-        raise ValueError("Orbax read no array metadata")
+      metadata = state_metadata(os.path.join(step_dir, "state"))  # raises for no metadata
     except Exception as e:  # noqa: BLE001
       bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
   if bad is None:
