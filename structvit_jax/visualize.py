@@ -80,7 +80,6 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
         query: list[int] | None = None, head: int | None = 0, image_size: int | None = None,
         frames: int | None = None, seed: int = 0) -> list[str]:
   """Writes the figures; returns their paths."""
-  import numpy as np
   from structvit_jax import cli
   from structvit_jax import inference
   from structvit_jax import figures
@@ -90,9 +89,7 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
   raw = main.read(input_file)                     # uint8, what the model sees
   x = main.preprocess_one(input_file)[None]
   logits, caps = figures.capture(main.model, main.variables, x)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  top = main.top_k_of(probs, 3)[0]
+  top = main.top_k_of(main.mean_probs(logits, 1), 3)[0]
   print(f"{input_file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
   cap = figures.pick_layer(caps, layer)
   if head is not None and not 0 <= head < cap.num_heads:
