@@ -40,15 +40,6 @@ def create_input(config, split, local_batch_size, seed):
                                process_count=jax.process_count(), seed=seed, uint8=True)
 
 
-def train_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
-  """(total steps, steps per epoch): durations are epochs in configs, steps here."""
-  steps_per_epoch = max(1, num_examples // config.batch_size)
-  total = config.num_train_steps
-  if total <= 0:
-    total = int(math.ceil(config.num_epochs * steps_per_epoch))
-  return total, steps_per_epoch
-
-
 class _Setup:
   """Everything train and eval share: inputs, model, optimiser, shardings, jitted fns."""
 
@@ -71,7 +62,10 @@ class _Setup:
     self.model = train_state.build_model(config, self.num_classes)
     self.model_name = config.model.name  # the preset, e.g. structvit_tiny (a UniFormer)
     n_train = self.train_inp.num_examples if train else self.eval_inp.num_examples
-    self.total_steps, self.steps_per_epoch = train_steps(config, n_train)
+    # Durations are epochs in configs, steps here (num_train_steps > 0 overrides them).
+    self.steps_per_epoch = max(1, n_train // config.batch_size)
+    self.total_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                        int(math.ceil(config.num_epochs * self.steps_per_epoch)))
     self.schedule = optim.make_schedule(config, self.total_steps, self.steps_per_epoch)
     self.tx = optim.make_optimizer(config, self.schedule)
     self.abstract_state, self.shardings, self.init = train_state.make_init(
