@@ -279,8 +279,7 @@ def _map_panel(ax, m: np.ndarray | None, image: np.ndarray | None, title: str, q
   if query2d is not None:
     _mark(ax, query2d, grid2d, extent)
   ax.set_title(title, fontsize=9)
-  ax.set_xticks([])
-  ax.set_yticks([])
+  ax.set(xticks=[], yticks=[])
 
 
 def _kernel_image(k: np.ndarray) -> np.ndarray:
@@ -300,8 +299,7 @@ def _kernel_image(k: np.ndarray) -> np.ndarray:
 def _kernel_panel(ax, k: np.ndarray, title: str, vlim: float):
   ax.imshow(_kernel_image(k), cmap="RdBu_r", vmin=-vlim, vmax=vlim, interpolation="nearest")
   ax.set_title(title, fontsize=9)
-  ax.set_xticks([])
-  ax.set_yticks([])
+  ax.set(xticks=[], yticks=[])
 
 
 def _frame_slice(cap: Capture, m: np.ndarray, t: int) -> np.ndarray:
@@ -439,8 +437,7 @@ def fig_dynamic_kernels_over_time(cap: Capture, query_hw: Sequence[int] | None, 
       ax.imshow(frames[f])
       _mark(ax, hw, cap.grid[1:], frames[f].shape[:2])
       ax.set_title(f"frame {f}", fontsize=9)
-      ax.set_xticks([])
-      ax.set_yticks([])
+      ax.set(xticks=[], yticks=[])
   for t, k in enumerate(kernels):
     _kernel_panel(axes[-1, t], k, f"t={t}: kappa_ii", vlim)
   who = "mean over heads" if head is None else f"head {head}"

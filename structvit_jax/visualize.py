@@ -20,6 +20,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from structvit_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -80,7 +82,6 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
         query: list[int] | None = None, head: int | None = 0, image_size: int | None = None,
         frames: int | None = None, seed: int = 0) -> list[str]:
   """Writes the figures; returns their paths."""
-  from structvit_jax import cli
   from structvit_jax import inference
   from structvit_jax import figures
   kind = "video" if input_file.lower().endswith(inference._VIDEO_EXTS) else "image"
@@ -131,7 +132,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  from structvit_jax import cli
   from structvit_jax import inference
   try:
     query = [int(v) for v in FLAGS.query] if FLAGS.query else None
@@ -147,7 +147,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from structvit_jax import cli
   _define_flags()
   cli.quiet_library_logs()
   cli.run(main, workdir_flag=None)

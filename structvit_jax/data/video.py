@@ -173,7 +173,17 @@ def _reformatter() -> VideoReformatter:
   return _local.reformatter
 
 
-class VideoReader:
+class _Reader:
+  """A context manager that closes the reader."""
+
+  def __enter__(self) -> "_Reader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class VideoReader(_Reader):
   """An open video: its frame count and `read(indices, short_side)`."""
 
   def __init__(self, path: str):
@@ -197,12 +207,6 @@ class VideoReader:
 
   def close(self) -> None:
     self.container.close()
-
-  def __enter__(self) -> "VideoReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   def read(self, indices: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 [len(indices), h, w, 3], the short side resized to `short_side` (bilinear,
@@ -250,7 +254,7 @@ class VideoReader:
     return j
 
 
-class FrameFolderReader:
+class FrameFolderReader(_Reader):
   """A frame folder (SSv1's `<id>/00001.jpg ...`) with VideoReader's interface: its frame
   count (the folder is listed here) and `read(indices, short_side)` (PIL, bilinear).
   BadVideoError: no frames, a gap in the numbering (a missing frame), or, in `read`, a
@@ -276,12 +280,6 @@ class FrameFolderReader:
     self.num_frames = len(self.files)
 
   def close(self) -> None:
-    pass
-
-  def __enter__(self) -> "FrameFolderReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
     pass
 
   def _frame(self, index: int, h: int | None, w: int | None, short_side: int) -> np.ndarray:
