@@ -19,6 +19,7 @@ from absl import logging
 import grain
 import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with orbax)
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from structvit_jax import checksums as checksums_lib
@@ -204,18 +205,17 @@ def verify_step(directory: str, step: int) -> tuple[str, str]:
 def verify(path: str) -> tuple[list[str], bool]:
   """(one line per checkpoint step, or one for an export; whether the newest is usable).
   `path`: a training workdir, its checkpoints/ directory, or an export."""
-  from structvit_jax import checksums
   if paths.isfile(os.path.join(path, "model.json")):
     try:
       tree = restore_arrays(os.path.join(paths.abspath(path), "params"))
-      verified = checksums.check_export(path, tree)
-    except checksums.Mismatch as e:
+      verified = checksums_lib.check_export(path, tree)
+    except checksums_lib.Mismatch as e:
       return [f"export {path}: unusable: {e}"], False
     except Exception as e:  # noqa: BLE001
       return [f"export {path}: unusable: its arrays do not restore ({short_cause(e)})"], False
     n = len(jax.tree.leaves(tree))
     return [f"export {path}: " + (f"ok: {n} arrays match their checksums" if verified else
-            f"unverified: {n} arrays restore; no {checksums.EXPORT_FILE} (written before "
+            f"unverified: {n} arrays restore; no {checksums_lib.EXPORT_FILE} (written before "
             "checksums were kept)")], True
   directory = Workdir(path).checkpoints_or_self()
   steps = list_steps(directory)
@@ -302,7 +302,6 @@ def _on_any_process(flag: bool) -> bool:
   """Whether `flag` holds on any process; every process must call it (a collective)."""
   if jax.process_count() == 1:
     return flag
-  import numpy as np
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
@@ -320,7 +319,6 @@ def _data_iter_digests(data_iter: Any) -> dict[str, str]:
   n = jax.process_count()
   if n == 1:
     return {data_iter_name(): digest}
-  import numpy as np
   from jax.experimental import multihost_utils
   every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
   return {f"process_{i}-of-{n}.json": bytes(np.asarray(every[i], np.uint8)).hex()

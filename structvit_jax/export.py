@@ -26,6 +26,7 @@ from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import cli
 from structvit_jax import inference
 from structvit_jax import paths
+from structvit_jax import train_state
 from structvit_jax.workdir import Workdir
 
 
@@ -36,7 +37,6 @@ class ExportError(cli.UserError, RuntimeError):
 def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
   import jax
-  from structvit_jax import train_state
   from structvit_jax.data.preprocessing import eval_spec
   model = train_state.build_model(config, num_classes)
   spec = eval_spec(config.data)
@@ -113,7 +113,6 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   """Writes the export of `workdir` to `out`: Orbax params, model.json, model.stablehlo
   (unless stablehlo=False), model.onnx (onnx=True) and the model card README.md
   (serving_export.py); returns a one-line summary."""
-  from structvit_jax import train_state
   from structvit_jax.data import registry
   from structvit_jax.data.preprocessing import eval_spec, eval_views
   paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structvit_jax import paths
 from structvit_jax.serving import STABLEHLO_FILE
 
 ONNX_FILE = "model.onnx"
@@ -95,7 +96,6 @@ def stablehlo_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Calla
 def write_stablehlo(out_dir: str, model: Any, variables: Any, spec: dict[str, Any],
                     platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
   """Writes OUT_DIR/model.stablehlo; returns what the model card and model.json record."""
-  from structvit_jax import paths
   start = time.perf_counter()
   variables = jax.device_put(variables, jax.devices("cpu")[0])  # constants, whatever device
   fn = jax.jit(stablehlo_forward(model, variables, spec))
@@ -169,7 +169,6 @@ def write_onnx(out_dir: str, model: Any, variables: Any, spec: dict[str, Any],
                model_name: str = "model") -> dict[str, Any]:
   """Writes OUT_DIR/model.onnx and checks it with onnxruntime against the JAX forward on a
   random uint8 batch of 2 (ServingExportError beyond ONNX_ATOL); returns the record."""
-  from structvit_jax import paths
   if paths.is_remote(out_dir):  # jax2onnx and onnxruntime work on local files
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:

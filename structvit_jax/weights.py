@@ -23,6 +23,8 @@ from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from structvit_jax import paths
+
 Path = tuple[str, ...]   # (collection, *modules, leaf), e.g. ('params', 'head', 'kernel')
 
 WRAPPERS = ("model", "model_state", "state_dict_ema", "state_dict")
@@ -93,7 +95,6 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(INSTALL_TORCH) from e
   # weights_only=False: official checkpoints also pickle configs. Open only trusted files.
-  from structvit_jax import paths
   if paths.is_remote(path):  # gs://: read whole, torch.load takes a seekable file
     import io
     path = io.BytesIO(paths.epath(path).read_bytes())
@@ -262,6 +263,5 @@ def init_variables_from(path: str, abstract: Any, init_fn: Callable[[], Any],
                         inflate_mode: str = "", drop_head: bool = False) -> dict:
   """{'params', 'batch_stats'} for a model (abstract variables) from a PyTorch file or one
   of ours (load_source)."""
-  from structvit_jax import paths
   src = from_torch(load_torch_file(path), abstract) if paths.isfile(path) else load_source(path)
   return fit(src, abstract, init_fn, inflate_mode, drop_head)
