@@ -52,6 +52,7 @@ from av.video.reformatter import VideoReformatter
 import grain
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from structvit_jax.data import registry
 from structvit_jax.data.ops import Normalize, RandomErasing, RandomFlip, warn_bad_once
@@ -283,7 +284,6 @@ class FrameFolderReader(_Reader):
     pass
 
   def _frame(self, index: int, h: int | None, w: int | None, short_side: int) -> np.ndarray:
-    from PIL import Image
     path = self.files[index]
     try:
       with Image.open(path) as im:
@@ -356,7 +356,6 @@ class ClipConfig:
       frames = video[self.indices(len(video), clip=clip)]
       h, w = short_side_shape(frames.shape[1], frames.shape[2], self.size)
       if (h, w) != frames.shape[1:3]:
-        from PIL import Image
         frames = np.stack([np.asarray(Image.fromarray(f).resize(
             (w, h), Image.Resampling.BILINEAR)) for f in frames])
     else:
@@ -427,7 +426,6 @@ class VideoRandAugment(grain.transforms.RandomMap):
     self.augment = RandAugment(config, mean)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from PIL import Image
     seed = int(rng.integers(2**63))
     frames = [np.asarray(self.augment.random_map({"image": Image.fromarray(f)},
                                                  np.random.default_rng(seed))["image"])
