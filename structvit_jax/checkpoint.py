@@ -19,6 +19,7 @@ from absl import logging
 import grain
 import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with orbax)
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -302,7 +303,6 @@ def _on_any_process(flag: bool) -> bool:
   """Whether `flag` holds on any process; every process must call it (a collective)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
@@ -319,7 +319,6 @@ def _data_iter_digests(data_iter: Any) -> dict[str, str]:
   n = jax.process_count()
   if n == 1:
     return {data_iter_name(): digest}
-  from jax.experimental import multihost_utils
   every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
   return {f"process_{i}-of-{n}.json": bytes(np.asarray(every[i], np.uint8)).hex()
           for i in range(n)}
@@ -499,7 +498,6 @@ class Checkpointer:
         where = (f"moved to {self._move_aside(s, tag)}" if jax.process_index() == 0
                  else "moved aside by process 0")
         if jax.process_count() > 1:  # every process lists the steps after the move
-          from jax.experimental import multihost_utils
           multihost_utils.sync_global_devices(f"checkpoint-unusable-{s}")
         self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)

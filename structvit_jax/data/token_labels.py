@@ -26,6 +26,7 @@ import zipfile
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
+from absl import flags
 import numpy as np
 
 INFO = "info.json"
@@ -312,7 +313,6 @@ def record_names(source: Any) -> Iterator[str]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags
   from structvit_jax.data import builders
   f = flags.FLAGS
   prepared = builders.find_prepared(f.data_dir, f.name)
@@ -328,7 +328,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags
   from structvit_jax import cli
   flags.DEFINE_string("src", None, "Token labels: a folder or .zip of <class>/<stem>.pt.")
   flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared images.")
