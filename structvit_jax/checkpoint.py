@@ -8,6 +8,8 @@ Steps are listed by Orbax's step-name format (`list_steps`), so a step renamed
 `<step>.unusable-<reason>` (README.md, "Faults on resume") is no longer one.
 """
 
+import contextlib
+import json
 import os
 import signal
 import threading
@@ -17,6 +19,8 @@ from absl import logging
 import grain
 import grain.checkpoint  # noqa: F401  (registers CheckpointSave/Restore with orbax)
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from structvit_jax import checksums as checksums_lib
@@ -53,12 +57,7 @@ def list_steps(directory: str) -> list[int]:
 
 def _paths(tree: Any) -> dict[str, tuple[int, ...]]:
   """'a/b/c' -> shape for every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
-  def name(k):
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        return str(getattr(k, attr))
-    return str(k)
-  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+  return {checksums_lib.leaf_name(path): tuple(getattr(leaf, "shape", ()))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -88,11 +87,8 @@ def state_metadata(state_dir: str) -> Any:
   Read with the handler, not a Checkpointer: a damaged index raises here (a Checkpointer
   logs a warning and returns None), and there is no cross-process barrier to leave the
   other processes waiting at when this one fails."""
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     metadata = handler.metadata(paths.epath(state_dir))
-  finally:
-    handler.close()
   if metadata is None:
     raise ValueError(f"no array metadata in {state_dir}")
   return metadata
@@ -103,12 +99,9 @@ def restore_items(step_dir: str, abstract_state: Any, data_iter: Any = None) -> 
   in place. Through the handlers, not the CheckpointManager: its restore ends at a barrier
   that a process whose read failed never reaches (the others would wait there while it
   asks them whether to fall back); Checkpointer.restore agrees on the outcome instead."""
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     state = handler.restore(paths.epath(os.path.join(step_dir, "state")),
                             args=ocp.args.StandardRestore(abstract_state))
-  finally:
-    handler.close()
   if data_iter is not None:
     from grain._src.python.checkpoint import handler as grain_handler
     grain_handler.CheckpointHandler().restore(
@@ -154,11 +147,8 @@ def restore_arrays(path: str) -> dict[str, Any]:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                         state_metadata(path))
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     return handler.restore(paths.epath(path), args=ocp.args.StandardRestore(target))
-  finally:
-    handler.close()
 
 
 def _read_step(directory: str, step: int) -> tuple[Any, dict | None]:
@@ -216,18 +206,17 @@ def verify_step(directory: str, step: int) -> tuple[str, str]:
 def verify(path: str) -> tuple[list[str], bool]:
   """(one line per checkpoint step, or one for an export; whether the newest is usable).
   `path`: a training workdir, its checkpoints/ directory, or an export."""
-  from structvit_jax import checksums
   if paths.isfile(os.path.join(path, "model.json")):
     try:
       tree = restore_arrays(os.path.join(paths.abspath(path), "params"))
-      verified = checksums.check_export(path, tree)
-    except checksums.Mismatch as e:
+      verified = checksums_lib.check_export(path, tree)
+    except checksums_lib.Mismatch as e:
       return [f"export {path}: unusable: {e}"], False
     except Exception as e:  # noqa: BLE001
       return [f"export {path}: unusable: its arrays do not restore ({short_cause(e)})"], False
     n = len(jax.tree.leaves(tree))
     return [f"export {path}: " + (f"ok: {n} arrays match their checksums" if verified else
-            f"unverified: {n} arrays restore; no {checksums.EXPORT_FILE} (written before "
+            f"unverified: {n} arrays restore; no {checksums_lib.EXPORT_FILE} (written before "
             "checksums were kept)")], True
   directory = Workdir(path).checkpoints_or_self()
   steps = list_steps(directory)
@@ -314,8 +303,6 @@ def _on_any_process(flag: bool) -> bool:
   """Whether `flag` holds on any process; every process must call it (a collective)."""
   if jax.process_count() == 1:
     return flag
-  import numpy as np
-  from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
@@ -324,21 +311,17 @@ def _data_iter_digests(data_iter: Any) -> dict[str, str]:
   (a collective with several processes)."""
   if data_iter is None:
     return {}
-  digest = checksums_lib.text_digest(checksums_lib.data_iter_text(data_iter))
+  # The exact text grain's checkpoint handler writes for `data_iter` (grain.checkpoint).
+  from grain._src.python.dataset import dataset
+  digest = checksums_lib.text_digest(
+      json.dumps(data_iter.get_state(), indent=4)
+      if isinstance(data_iter, dataset.DatasetIterator) else data_iter.get_state().decode())
   n = jax.process_count()
   if n == 1:
     return {data_iter_name(): digest}
-  import numpy as np
-  from jax.experimental import multihost_utils
   every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
   return {f"process_{i}-of-{n}.json": bytes(np.asarray(every[i], np.uint8)).hex()
           for i in range(n)}
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _try_restore(directory: str, s: int, abstract_state: Any, data_iter: Any,
@@ -354,9 +337,7 @@ def _try_restore(directory: str, s: int, abstract_state: Any, data_iter: Any,
   record = metadata = None
   if bad is None:
     try:
-      metadata = state_metadata(os.path.join(step_dir, "state"))
-      if metadata is None:  # what Orbax returns when the array index does not read
-        raise ValueError("Orbax read no array metadata")
+      metadata = state_metadata(os.path.join(step_dir, "state"))  # raises for no metadata
     except Exception as e:  # noqa: BLE001
       bad = "unreadable", f"its metadata does not read ({short_cause(e)})"
   if bad is None:
@@ -507,8 +488,8 @@ class Checkpointer:
         logging.info("Checkpoint: restored step %d from %s", s, self.directory)
         return out["state"], s
       tag, why = bad
+      older = [x for x in steps if x < s]
       if not fallback or step is not None:
-        older = [x for x in steps if x < s]
         raise CheckpointError(
             f"checkpoint step {s} in {self.directory} is unusable: {why}"
             + (f"; an older step: {older[-1]}" if older else ""))
@@ -516,12 +497,12 @@ class Checkpointer:
       if not self.read_only:
         where = (f"moved to {self._move_aside(s, tag)}" if jax.process_index() == 0
                  else "moved aside by process 0")
-        _barrier(f"checkpoint-unusable-{s}")  # every process lists the steps after the move
+        if jax.process_count() > 1:  # every process lists the steps after the move
+          multihost_utils.sync_global_devices(f"checkpoint-unusable-{s}")
         self.manager.reload()  # Orbax caches the step list: forget the moved step
       skipped.append(s)
-      rest = [x for x in steps if x < s]
       logging.warning("Checkpoint step %d in %s is unusable: %s; %s; %s.", s, self.directory,
-                      why, where, f"trying step {rest[-1]}" if rest else "no older step")
+                      why, where, f"trying step {older[-1]}" if older else "no older step")
     raise CheckpointError(
         f"no checkpoint in {self.directory} restores (unusable: steps {skipped}, moved "
         f"aside as <step>.unusable-*); run again to start from step 0, or restore them")
@@ -547,12 +528,6 @@ class Checkpointer:
     finally:
       if not self._failed:
         self.manager.close()
-
-
-def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, shardings)
 
 
 class SigtermFlag:

@@ -166,14 +166,6 @@ def text_digest(text: str | bytes) -> str:
   return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
-def data_iter_text(data_iter: Any) -> str:
-  """The exact text grain's checkpoint handler writes for `data_iter` (grain.checkpoint)."""
-  from grain._src.python.dataset import dataset
-  if isinstance(data_iter, dataset.DatasetIterator):
-    return json.dumps(data_iter.get_state(), indent=4)
-  return data_iter.get_state().decode()
-
-
 def record(arrays: dict[str, str], data_iter: dict[str, str] | None = None) -> dict:
   return {"version": VERSION, "arrays": arrays, "data_iter": data_iter or {}}
 
@@ -204,13 +196,6 @@ def parse(text: str | bytes) -> dict:
   except ValueError as e:
     raise Mismatch(f"its checksums file does not read ({e})") from None
   return rec
-
-
-def write_export(export_dir: str, tree: Any) -> None:
-  """<export>/checksums.json: the fingerprints of an export's arrays (inference.save_export)."""
-  from structvit_jax import paths
-  paths.write_atomic(f"{export_dir.rstrip('/')}/{EXPORT_FILE}",
-                     json.dumps(record(fingerprints(tree)), indent=1))
 
 
 def check_export(export_dir: str, tree: Any) -> bool:

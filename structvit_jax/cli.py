@@ -20,6 +20,11 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+
+from structvit_jax import paths
 from structvit_jax.workdir import Workdir
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -52,8 +57,6 @@ def _message(e: BaseException) -> str:
 
 def classify(e: BaseException) -> tuple[int, str] | None:
   """(exit status, message) of an expected error; None for a bug."""
-  from absl import app
-  from absl import flags
   if isinstance(e, UserError):
     return e.exit_status, _message(e)
   if isinstance(e, (app.UsageError, flags.Error)):
@@ -73,7 +76,6 @@ def _one_line(text: str) -> str:
 
 
 def _verbose(argv: Sequence[str]) -> bool:
-  from absl import flags
   try:
     if flags.FLAGS.is_parsed() and "verbose" in flags.FLAGS:
       return bool(flags.FLAGS.verbose)
@@ -84,7 +86,6 @@ def _verbose(argv: Sequence[str]) -> bool:
 
 def _write_log(workdir: str | None, argv: Sequence[str]) -> str | None:
   """Appends the current exception's traceback to WORKDIR/error.log; returns the path."""
-  from structvit_jax import paths
   if not workdir:
     return None
   path = Workdir(workdir).error_log
@@ -118,11 +119,6 @@ def report(e: BaseException, argv: Sequence[str], workdir: str | None = None) ->
   return 1
 
 
-def _absl_handler() -> Any:
-  from absl import logging as absl_logging
-  return absl_logging.get_absl_handler()
-
-
 def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], None] | None
         = None, workdir_flag: str | None = "workdir", argv: list[str] | None = None) -> None:
   """absl's app.run(main) with the handling of the module docstring.
@@ -131,8 +127,6 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
   a bad file or an unknown --config.field in one line); workdir_flag names the flag whose
   directory gets error.log.
   """
-  from absl import app
-  from absl import flags
   FLAGS = flags.FLAGS
   if "verbose" not in FLAGS:
     flags.DEFINE_bool("verbose", False, "Show the traceback of errors.")
@@ -147,18 +141,15 @@ def run(main: Callable[[list[str]], Any], *, check_argv: Callable[[list[str]], N
       known = classify(e)
       if known is None:  # e.g. an error inside a config file found only by the flag
         known = (2, f"bad command line: {type(e).__name__}: {e}")
-        e = UserError(known[1])
       if _verbose(args):
         traceback.print_exc()
       print(f"error: {_one_line(known[1])}", file=sys.stderr, flush=True)
       sys.exit(known[0])
 
   def wrapped(args: list[str]) -> Any:
-    workdir = None
-    if workdir_flag and workdir_flag in FLAGS:
-      workdir = FLAGS[workdir_flag].value
+    workdir = FLAGS[workdir_flag].value if workdir_flag and workdir_flag in FLAGS else None
     if workdir and any(isinstance(f, _LibraryNoise)
-                       for f in _absl_handler().filters):
+                       for f in absl_logging.get_absl_handler().filters):
       library_log.set_path(Workdir(workdir).library_log)
     try:
       return main(args)
@@ -206,7 +197,6 @@ class _LibraryLog:
   def flush(self) -> None:
     if not self.path or not self._pending:
       return
-    from structvit_jax import paths
     text, self._pending = "".join(self._pending), []
     try:
       if paths.isdir(os.path.dirname(self.path)):
@@ -259,7 +249,6 @@ def _unraisable_to_log(unraisable: Any) -> None:
 def quiet_library_logs(workdir: str | None = None) -> None:
   """Routes library records and unraisable exceptions to WORKDIR/library.log (command lines
   call it; cli.run sets the workdir once the flags are parsed)."""
-  from absl import logging as absl_logging
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
     handler.addFilter(_LibraryNoise(console=_verbose(sys.argv)))

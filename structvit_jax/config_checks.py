@@ -55,17 +55,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _leaf_paths(node: Any, prefix: str = "") -> list[str]:
-  out = []
-  for key, value in node.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      out += _leaf_paths(value, path + ".")
-    else:
-      out.append(path)
-  return out
-
-
 def check_overrides(config: ml_collections.ConfigDict, fields: list[str],
                     flag: str = "config") -> None:
   """Raises a UserError naming the valid (and the nearest) fields for a `--config.x.y`
@@ -80,7 +69,7 @@ def check_overrides(config: ml_collections.ConfigDict, fields: list[str],
       if isinstance(node, ml_collections.ConfigDict):
         prefix = ".".join(parts[:i])
         valid = sorted(node.keys())
-        near = difflib.get_close_matches(field, _leaf_paths(config), n=3, cutoff=0.6)
+        near = difflib.get_close_matches(field, _flat(config.to_dict()), n=3, cutoff=0.6)
         raise UserError(
             f"--{flag}.{field}: unknown config field {part!r}"
             + (f" in {prefix}" if prefix else "")

@@ -93,14 +93,7 @@ class DevicePrefetcher:
   def _run(self) -> None:
     try:
       while not self._stop.is_set():
-        batch = self._put(next(self._it))
-        item = (batch, self._read_state())
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
+        self._offer((self._put(next(self._it)), self._read_state()))
     except BaseException as e:  # StopIteration included: handed to the consumer
       self._offer((self._END, e))
 

@@ -26,6 +26,7 @@ from structvit_jax import checkpoint as ckpt_lib
 from structvit_jax import cli
 from structvit_jax import inference
 from structvit_jax import paths
+from structvit_jax import train_state
 from structvit_jax.workdir import Workdir
 
 
@@ -36,7 +37,6 @@ class ExportError(cli.UserError, RuntimeError):
 def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """{'params', 'batch_stats'} shapes of config's model (jax.eval_shape: nothing computed)."""
   import jax
-  from structvit_jax import train_state
   from structvit_jax.data.preprocessing import eval_spec
   model = train_state.build_model(config, num_classes)
   spec = eval_spec(config.data)
@@ -51,9 +51,10 @@ def _model_tree(config: ml_collections.ConfigDict, num_classes: int) -> dict[str
 
 
 def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
-                     steps: list[int]) -> dict[str, Any]:
-  """The arrays of checkpoint `step`, after checking they are complete and are the
-  recorded model's; else ExportError naming the step, why, and the --step to try."""
+                     steps: list[int]) -> tuple[dict[str, Any], int]:
+  """(the arrays of checkpoint `step`, its number of classes), after checking they are
+  complete and are the recorded model's; else ExportError naming the step, why, and the
+  --step to try."""
   checkpoints = Workdir(paths.abspath(workdir)).checkpoints
   step_dir = os.path.join(checkpoints, str(step))
   older = [s for s in steps if s < step]
@@ -63,8 +64,6 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {bad[1]}{hint}")
   try:
     metadata = ckpt_lib.state_metadata(os.path.join(step_dir, "state"))
-    if metadata is None:
-      raise ValueError("Orbax read no array metadata")
     num_classes = int(metadata["params"]["head"]["kernel"].shape[-1])
   except KeyError:
     raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint "
@@ -81,27 +80,9 @@ def _read_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int,
     raise ExportError(f"checkpoint step {step} in {workdir} does not fit the recorded model "
                       f"{config.model.name} ({Workdir(workdir).config_json}): {diff}")
   try:
-    return ckpt_lib.read_step_arrays(checkpoints, step)
+    return ckpt_lib.read_step_arrays(checkpoints, step), num_classes
   except ckpt_lib.CheckpointError as e:
     raise ExportError(f"checkpoint step {step} in {workdir} is unusable: {e}{hint}") from None
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = Workdir(workdir).config_json
-  if not paths.isfile(path):
-    raise ExportError(
-        f"{path} not found: the model config is written there when training starts "
-        f"(python -m structvit_jax.main --config=... --workdir={workdir}); runs from before "
-        f"it was written: start that command again with the same config (it resumes from "
-        f"the newest checkpoint and writes config.json).")
-  return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
-
-
-def _head_classes(params: Any) -> int:
-  head = params.get("head") if isinstance(params, dict) else None
-  if not head or "kernel" not in head:
-    raise ExportError("cannot find the classifier ('head/kernel') in the checkpoint params")
-  return int(np.shape(head["kernel"])[-1])
 
 
 def provenance(workdir: str, config: ml_collections.ConfigDict, step: int, ema: bool
@@ -132,7 +113,6 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   """Writes the export of `workdir` to `out`: Orbax params, model.json, model.stablehlo
   (unless stablehlo=False), model.onnx (onnx=True) and the model card README.md
   (serving_export.py); returns a one-line summary."""
-  from structvit_jax import train_state
   from structvit_jax.data import registry
   from structvit_jax.data.preprocessing import eval_spec, eval_views
   paths.forget_listings(workdir)  # gs://: what the trainer wrote since this process looked
@@ -142,7 +122,14 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
   if not paths.isdir(workdir):
     raise ExportError(f"--workdir={workdir} is not a directory (the --workdir of a "
                       "training run)")
-  config = read_config(workdir)
+  path = Workdir(workdir).config_json
+  if not paths.isfile(path):
+    raise ExportError(
+        f"{path} not found: the model config is written there when training starts "
+        f"(python -m structvit_jax.main --config=... --workdir={workdir}); runs from before "
+        f"it was written: start that command again with the same config (it resumes from "
+        f"the newest checkpoint and writes config.json).")
+  config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
   steps = ckpt_lib.list_steps(Workdir(workdir).checkpoints)  # the finished steps
   if not steps:
     raise ExportError(f"no checkpoint in {Workdir(workdir).checkpoints} "
@@ -151,10 +138,9 @@ def export(workdir: str, out: str, step: int | None = None, use_ema: bool = True
     step = steps[-1]
   elif step not in steps:
     raise ExportError(f"no checkpoint of step {step} in {workdir}; steps: {steps}")
-  state = _read_checkpoint(workdir, config, step, steps)
+  state, num_classes = _read_checkpoint(workdir, config, step, steps)
   ema = use_ema and config.get("ema_decay", 0.0) > 0 and bool(state.get("ema_params"))
   params = state["ema_params"] if ema else state["params"]
-  num_classes = _head_classes(params)
   names = registry.class_names(config.data)
   if names is not None and len(names) != num_classes:
     names = None  # e.g. a dataset with config.data.num_classes overriding its label list

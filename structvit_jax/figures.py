@@ -120,16 +120,13 @@ def capture(model: Any, variables: Mapping[str, Any], x: Any, index: int = 0,
   if not caps:
     raise ValueError(f"{type(model).__name__} has no StructSA layers to capture (UniFormer, "
                      "StructViT and DeiT have them; TimeSformer does not)")
-  return jax.device_get(logits), dict(sorted(caps.items(), key=lambda kv: _layer_order(kv[0])))
+  # blocks3_10 after blocks3_9: numeric parts compare as numbers.
+  order = lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]
+  return jax.device_get(logits), dict(sorted(caps.items(), key=order))
 
 
 def _np_or_none(a):
   return None if a is None else np.asarray(jax.device_get(a), np.float32)
-
-
-def _layer_order(name: str):
-  # blocks3_10 after blocks3_9: numeric parts compare as numbers.
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def default_layer(caps: Mapping[str, Capture]) -> str:
@@ -270,21 +267,19 @@ def _mark(ax, pos: tuple[int, int], grid: tuple[int, int], extent: tuple[float, 
 def _map_panel(ax, m: np.ndarray | None, image: np.ndarray | None, title: str, query2d=None,
                grid2d=None, vmax=None):
   """A 2-D map over the token grid, over the image if given (nearest upsampling)."""
+  extent = None
   if image is not None:
-    h, w = image.shape[:2]
+    h, w = extent = image.shape[:2]
     ax.imshow(image, extent=(0, w, h, 0))
     if m is not None:
       ax.imshow(m, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
                 vmin=0, vmax=vmax)
-    if query2d is not None:
-      _mark(ax, query2d, grid2d, (h, w))
   else:
     ax.imshow(m, cmap="inferno", interpolation="nearest", vmin=0, vmax=vmax)
-    if query2d is not None:
-      _mark(ax, query2d, grid2d, None)
+  if query2d is not None:
+    _mark(ax, query2d, grid2d, extent)
   ax.set_title(title, fontsize=9)
-  ax.set_xticks([])
-  ax.set_yticks([])
+  ax.set(xticks=[], yticks=[])
 
 
 def _kernel_image(k: np.ndarray) -> np.ndarray:
@@ -304,8 +299,7 @@ def _kernel_image(k: np.ndarray) -> np.ndarray:
 def _kernel_panel(ax, k: np.ndarray, title: str, vlim: float):
   ax.imshow(_kernel_image(k), cmap="RdBu_r", vmin=-vlim, vmax=vlim, interpolation="nearest")
   ax.set_title(title, fontsize=9)
-  ax.set_xticks([])
-  ax.set_yticks([])
+  ax.set(xticks=[], yticks=[])
 
 
 def _frame_slice(cap: Capture, m: np.ndarray, t: int) -> np.ndarray:
@@ -443,8 +437,7 @@ def fig_dynamic_kernels_over_time(cap: Capture, query_hw: Sequence[int] | None, 
       ax.imshow(frames[f])
       _mark(ax, hw, cap.grid[1:], frames[f].shape[:2])
       ax.set_title(f"frame {f}", fontsize=9)
-      ax.set_xticks([])
-      ax.set_yticks([])
+      ax.set(xticks=[], yticks=[])
   for t, k in enumerate(kernels):
     _kernel_panel(axes[-1, t], k, f"t={t}: kappa_ii", vlim)
   who = "mean over heads" if head is None else f"head {head}"

@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structvit_jax import checksums
+from structvit_jax import paths
+
 FORMAT = "structvit_jax.export/1"
 _INPUT_KEYS = ("kind", "image_size", "mean", "std")  # num_frames: 0 (images) if absent
 _VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -109,15 +112,15 @@ def save_export(out_dir: str, model_name: str, kwargs: dict[str, Any], variables
       raise ValueError(f"{len(class_names)} class names for num_classes={n}")
   tree = {"params": jax.device_get(variables["params"]),
           "batch_stats": jax.device_get(variables.get("batch_stats") or {})}
-  from structvit_jax import paths
   out_dir = paths.abspath(out_dir)
   paths.makedirs(out_dir)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out_dir, "params"), tree, force=True)
   ckptr.wait_until_finished()
   ckptr.close()
-  from structvit_jax import checksums
-  checksums.write_export(out_dir, tree)  # before model.json, which marks a whole export
+  # The fingerprints of the arrays, before model.json (which marks a whole export).
+  paths.write_atomic(f"{out_dir.rstrip('/')}/{checksums.EXPORT_FILE}",
+                     json.dumps(checksums.record(checksums.fingerprints(tree)), indent=1))
   meta = {"format": FORMAT, "model": model_name, "kwargs": kwargs, "input": spec,
           "class_names": class_names, "source": source}
   meta_path = os.path.join(out_dir, "model.json")
@@ -155,8 +158,6 @@ def restore_export_arrays(export_dir: str) -> dict[str, Any]:
   checkpoint.CheckpointError naming the array or the cause."""
   from absl import logging
   from structvit_jax import checkpoint as ckpt_lib
-  from structvit_jax import checksums
-  from structvit_jax import paths
   try:
     tree = ckpt_lib.restore_arrays(os.path.join(paths.abspath(export_dir), "params"))
     verified = checksums.check_export(export_dir, tree)
@@ -178,7 +179,6 @@ def load(export_dir: str, backend: str = "flax") -> "Predictor":
   """Opens an export written by `save_export` (from export.py or convert.py). backend:
   'flax' (the Orbax params and this package's model code) or 'stablehlo' (the export's
   model.stablehlo through serving.py: an `ExportedPredictor`, same preprocessing)."""
-  from structvit_jax import paths
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; valid: {', '.join(BACKENDS)}")
   meta_path = os.path.join(export_dir, "model.json")
@@ -389,10 +389,9 @@ class ExportedPredictor(Predictor):
 
   def __init__(self, served: Any, input_spec: dict[str, Any],
                class_names: Sequence[str] | None, meta: dict[str, Any] | None = None):
-    self.model, self.variables, self.served = None, None, served
-    self.input_spec, self.meta = input_spec, meta or {}
-    self.class_names = (list(class_names) if class_names is not None
-                        else list(served.class_names))
+    super().__init__(None, None, input_spec,
+                     served.class_names if class_names is None else class_names, meta)
+    self.served = served
     if served.input_shape != self.input_shape:
       raise ValueError(f"model.stablehlo takes {served.input_shape}, model.json's input "
                        f"is {self.input_shape}")

@@ -57,10 +57,6 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
   raise ValueError(f"Unknown schedule {config.schedule!r}; valid: 'cosine', 'steps'.")
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def decay_mask(params: Any, rule: str = "no_pos_embed") -> Any:
   """True where weight decay applies (config.weight_decay_mask, docs/official_weights.md):
 
@@ -77,7 +73,7 @@ def decay_mask(params: Any, rule: str = "no_pos_embed") -> Any:
     raise ValueError(f"weight_decay_mask={rule!r}; valid: {', '.join(map(repr, DECAY_RULES))}")
 
   def keep(path, p):
-    name = _path_str(path)
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     if rule == "all":
       return True
     if rule == "timm":

@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from structvit_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +41,6 @@ def run(model: str, files: list[str], k: int = 5, batch_size: int = 32,
         views: str = "eval", backend: str = "flax") -> int:
   """Prints the predictions; returns the exit status (1 if any file failed)."""
   import numpy as np
-  from structvit_jax import cli
   from structvit_jax import inference
   if k < 1 or batch_size < 1:
     raise cli.UserError(f"--k={k} --batch_size={batch_size}: both must be >= 1")
@@ -85,7 +86,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from structvit_jax import cli
   _define_flags()
   cli.quiet_library_logs()
   cli.run(main, workdir_flag=None)

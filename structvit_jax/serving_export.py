@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from structvit_jax import paths
 from structvit_jax.serving import STABLEHLO_FILE
 
 ONNX_FILE = "model.onnx"
@@ -95,7 +96,6 @@ def stablehlo_forward(model: Any, variables: Any, spec: dict[str, Any]) -> Calla
 def write_stablehlo(out_dir: str, model: Any, variables: Any, spec: dict[str, Any],
                     platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
   """Writes OUT_DIR/model.stablehlo; returns what the model card and model.json record."""
-  from structvit_jax import paths
   start = time.perf_counter()
   variables = jax.device_put(variables, jax.devices("cpu")[0])  # constants, whatever device
   fn = jax.jit(stablehlo_forward(model, variables, spec))
@@ -169,7 +169,6 @@ def write_onnx(out_dir: str, model: Any, variables: Any, spec: dict[str, Any],
                model_name: str = "model") -> dict[str, Any]:
   """Writes OUT_DIR/model.onnx and checks it with onnxruntime against the JAX forward on a
   random uint8 batch of 2 (ServingExportError beyond ONNX_ATOL); returns the record."""
-  from structvit_jax import paths
   if paths.is_remote(out_dir):  # jax2onnx and onnxruntime work on local files
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,23 +272,13 @@ def _serving_files(serving: dict[str, Any], files: dict[str, int]) -> list[str]:
   lines = ["## Files", "", "| format | files | size | load with |", "|---|---|---|---|",
            f"| Flax / Orbax | `params/`, `model.json` | {_size(files.get('params', 0))} | "
            "`structvit_jax.inference.load(DIR).predict(files)` (this package, Flax) |"]
+  notes = []
   if "stablehlo" in serving:
     s = serving["stablehlo"]
     lines.append(
         f"| StableHLO (jax.export) | `{s['file']}` | {_size(s['bytes'])} | "
         "`structvit_jax.serving.load(DIR)(x)` (jax + numpy only), or "
         f"`jax.export.deserialize(open('DIR/{s['file']}', 'rb').read()).call(x)` |")
-  if "onnx" in serving:
-    o = serving["onnx"]
-    lines.append(
-        f"| ONNX (opset {o['opset']}) | {', '.join(f'`{f}`' for f in o['files'])} | "
-        f"{_size(o['bytes'])} | `onnxruntime.InferenceSession('DIR/{o['file']}')"
-        ".run(None, {'input': x})[0]` |")
-  lines += ["", "Command line (any format's model): `python -m structvit_jax.predict "
-            "--model=DIR [--backend=stablehlo] FILE...`.", ""]
-  notes = []
-  if "stablehlo" in serving:
-    s = serving["stablehlo"]
     notes.append(f"- model.stablehlo: lowered for {', '.join(s['platforms'])} with jax "
                  f"{s['jax_version']} (calling convention {s['calling_convention_version']}); "
                  "best run with that jaxlib, newer ones within jax.export's compatibility "
@@ -297,9 +286,15 @@ def _serving_files(serving: dict[str, Any], files: dict[str, int]) -> list[str]:
                  "check its cpu lowering against the Flax model (cuda and tpu: lowered only).")
   if "onnx" in serving:
     o = serving["onnx"]
+    lines.append(
+        f"| ONNX (opset {o['opset']}) | {', '.join(f'`{f}`' for f in o['files'])} | "
+        f"{_size(o['bytes'])} | `onnxruntime.InferenceSession('DIR/{o['file']}')"
+        ".run(None, {'input': x})[0]` |")
     notes.append(f"- model.onnx: jax2onnx {o['jax2onnx_version']}; onnxruntime "
                  f"{o['onnxruntime_version']} (CPU) agreed with JAX to "
                  f"{o['onnxruntime_max_abs_diff']:.2g} (max abs logit) when written.")
+  lines += ["", "Command line (any format's model): `python -m structvit_jax.predict "
+            "--model=DIR [--backend=stablehlo] FILE...`.", ""]
   if notes:
     lines += ["## Notes", "", *notes, ""]
   return lines

@@ -6,7 +6,6 @@ step runs on global arrays (GSPMD, no pmap), so BatchNorm statistics are over th
 batch (docs/platform_notes.md, "Meshes and sharding").
 """
 
-import os
 from typing import Any, Sequence
 
 from absl import logging
@@ -79,9 +78,3 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
     global_shape = (x.shape[0] * nproc,) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return {k: one(v) for k, v in local.items()}
-
-
-def log_topology() -> None:
-  logging.info("JAX process %d / %d; local devices %d, global devices %d (%s); pid %d",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform, os.getpid())

@@ -7,6 +7,7 @@ the overlapped start-up startup.py's, the config checks config_checks.py's.
 """
 
 import math
+import os
 import time
 from typing import Any
 
@@ -39,34 +40,15 @@ def create_input(config, split, local_batch_size, seed):
                                process_count=jax.process_count(), seed=seed, uint8=True)
 
 
-def train_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
-  """(total steps, steps per epoch): durations are epochs in configs, steps here."""
-  steps_per_epoch = max(1, num_examples // config.batch_size)
-  total = config.num_train_steps
-  if total <= 0:
-    total = int(math.ceil(config.num_epochs * steps_per_epoch))
-  return total, steps_per_epoch
-
-
-def _train_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
-  return {k: b[k] for k in ("image", "label", "bad", "erase", *token_label_loss.KEYS) if k in b}
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
-  # state is known to fit it (after a restore or a fresh start), atomically.
-  if jax.process_index() == 0:
-    paths.write_atomic(Workdir(workdir).config_json, config.to_json_best_effort(indent=2))
-
-
 class _Setup:
   """Everything train and eval share: inputs, model, optimiser, shardings, jitted fns."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                devices: list[jax.Device] | None, train: bool):
     shard_lib.initialize_distributed(config)
-    shard_lib.log_topology()
+    logging.info("JAX process %d / %d; local devices %d, global devices %d (%s); pid %d",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform, os.getpid())
     self.mesh = shard_lib.make_mesh(devices)
     config_checks.check_batch_sizes(config, self.mesh.devices.size)
     nproc = jax.process_count()
@@ -80,13 +62,17 @@ class _Setup:
     self.model = train_state.build_model(config, self.num_classes)
     self.model_name = config.model.name  # the preset, e.g. structvit_tiny (a UniFormer)
     n_train = self.train_inp.num_examples if train else self.eval_inp.num_examples
-    self.total_steps, self.steps_per_epoch = train_steps(config, n_train)
+    # Durations are epochs in configs, steps here (num_train_steps > 0 overrides them).
+    self.steps_per_epoch = max(1, n_train // config.batch_size)
+    self.total_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                        int(math.ceil(config.num_epochs * self.steps_per_epoch)))
     self.schedule = optim.make_schedule(config, self.total_steps, self.steps_per_epoch)
     self.tx = optim.make_optimizer(config, self.schedule)
     self.abstract_state, self.shardings, self.init = train_state.make_init(
         config, self.model, self.tx, self.input_shape, self.mesh, config.seed)
-    self.abstract_sharded = ckpt_lib.abstract_with_shardings(self.abstract_state,
-                                                             self.shardings)
+    self.abstract_sharded = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.abstract_state, self.shardings)
     self.new_evaluator = lambda: evaluation.evaluator_for(config)
     self.eval_fn = train_state.jit_eval_step(self.model, self.eval_inp.normalization,
                                              self.shardings, self.mesh,
@@ -168,7 +154,9 @@ class _Loop:
     mesh = self.setup.mesh
     self.batches = device_input.DevicePrefetcher(
         self.setup.train_inp.iterator,
-        lambda b: shard_lib.global_batch(mesh, _train_batch(b)))
+        # 'bad', 'erase' (random-erasing boxes), the token-labeling targets: optional
+        lambda b: shard_lib.global_batch(mesh, {k: b[k] for k in (
+            "image", "label", "bad", "erase", *token_label_loss.KEYS) if k in b}))
     return self.batches
 
   def start(self, times: startup.StartupTimes) -> tuple[TrainState, Any]:
@@ -297,7 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   loop = _Loop(setup, config)
   try:
     state, first_batch = loop.start(times)
-    _write_config(config, workdir)
+    # What `python -m structvit_jax.export` rebuilds the model from: written once the run's
+    # state is known to fit it (after a restore or a fresh start), atomically.
+    if jax.process_index() == 0:
+      paths.write_atomic(Workdir(workdir).config_json, config.to_json_best_effort(indent=2))
     loop.writer = run_log.MetricWriter(workdir)
     _log_model_size(setup, loop.writer)
     times.mark("model size")

@@ -20,6 +20,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from structvit_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -80,8 +82,6 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
         query: list[int] | None = None, head: int | None = 0, image_size: int | None = None,
         frames: int | None = None, seed: int = 0) -> list[str]:
   """Writes the figures; returns their paths."""
-  import numpy as np
-  from structvit_jax import cli
   from structvit_jax import inference
   from structvit_jax import figures
   kind = "video" if input_file.lower().endswith(inference._VIDEO_EXTS) else "image"
@@ -90,9 +90,7 @@ def run(model: str, input_file: str, out: str, compare: list[str] = (), layer: s
   raw = main.read(input_file)                     # uint8, what the model sees
   x = main.preprocess_one(input_file)[None]
   logits, caps = figures.capture(main.model, main.variables, x)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  top = main.top_k_of(probs, 3)[0]
+  top = main.top_k_of(main.mean_probs(logits, 1), 3)[0]
   print(f"{input_file}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
   cap = figures.pick_layer(caps, layer)
   if head is not None and not 0 <= head < cap.num_heads:
@@ -134,7 +132,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
-  from structvit_jax import cli
   from structvit_jax import inference
   try:
     query = [int(v) for v in FLAGS.query] if FLAGS.query else None
@@ -150,7 +147,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from structvit_jax import cli
   _define_flags()
   cli.quiet_library_logs()
   cli.run(main, workdir_flag=None)

@@ -6,7 +6,8 @@ Two steps, shared by `python -m structvit_jax.convert` and `config.init_from`:
   2. `fit(src, abstract, init_fn, ...)`: src (flax paths: torch, an export, a training
      checkpoint) onto the target's structure and shapes.
 Unmapped keys, missing leaves and shapes that do not fit are errors listing them all. Model
-parameter names live in the families' rules (`Family`, models/<family>_weights.py).
+parameter names live in the families' rules (`Family`: UniFormer's and DeiT's below,
+TimeSformer's and StructSA's in models/<family>_weights.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, Callable, Mapping
 from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
+
+from structvit_jax import paths
 
 Path = tuple[str, ...]   # (collection, *modules, leaf), e.g. ('params', 'head', 'kernel')
 
@@ -53,10 +56,19 @@ class Family:
   infer_kwargs: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict] | None = None
 
 
+# UniFormer's rules: its classifiers, and the video model as the image model whose conv
+# kernels gain a leading T axis (inflation).
+UNIFORMER = Family(heads=("head", "aux_head"), inflatable=("kernel",))
+# DeiT's ("DeiT on clips"): timm/DeiT's `patch_embed.proj` is our `patch_embed`; an image DeiT
+# into the video DeiT inflates the patch kernel (UniFormer's rule for every `kernel`) and
+# fills `time_embed` with its zero init (TimeSformer's rule for a source without one).
+DEIT = Family(heads=("head",), torch_renames=(("patch_embed.proj.", "patch_embed."),))
+
+
 @functools.cache
 def families() -> tuple[Family, ...]:  # imported on first use: the modules import this one
-  return tuple(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
-               for m in ("uniformer", "timesformer", "structsa", "deit"))
+  return (UNIFORMER, *(importlib.import_module(f"structvit_jax.models.{m}_weights").RULES
+                       for m in ("timesformer", "structsa")), DEIT)
 
 
 def _names(field: str) -> set[str]:
@@ -83,7 +95,6 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(INSTALL_TORCH) from e
   # weights_only=False: official checkpoints also pickle configs. Open only trusted files.
-  from structvit_jax import paths
   if paths.is_remote(path):  # gs://: read whole, torch.load takes a seekable file
     import io
     path = io.BytesIO(paths.epath(path).read_bytes())
@@ -252,6 +263,5 @@ def init_variables_from(path: str, abstract: Any, init_fn: Callable[[], Any],
                         inflate_mode: str = "", drop_head: bool = False) -> dict:
   """{'params', 'batch_stats'} for a model (abstract variables) from a PyTorch file or one
   of ours (load_source)."""
-  from structvit_jax import paths
   src = from_torch(load_torch_file(path), abstract) if paths.isfile(path) else load_source(path)
   return fit(src, abstract, init_fn, inflate_mode, drop_head)

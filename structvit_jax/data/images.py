@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from structvit_jax.data import builders, transforms
+from structvit_jax.data import builders, token_labels, transforms
 from structvit_jax.data.ops import Normalize
 from structvit_jax.data.preprocessing import eval_spec
 from structvit_jax.data.spec import DatasetNotFoundError, DatasetSpec
@@ -49,14 +49,12 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
   except KeyError as e:
     raise _missing(data, tfds_name, split, str(e)) from None
   if train and data.get("token_labels") and not data.get("token_label_dir"):
-    from structvit_jax.data import token_labels
     raise token_labels.TokenLabelError(
         "this recipe trains with token labels but config.data.token_label_dir is not set: "
         "prepare them with python -m structvit_jax.data.token_labels --src=LABELS "
         f"--data_dir={data.data_dir} --out=DIR and pass --config.data.token_label_dir=DIR "
         "(docs/token_labeling.md), or train without them (e.g. configs/in1k_l.py:tl=False)")
   if train and data.get("token_label_dir"):  # token labeling: docs/token_labeling.md
-    from structvit_jax.data import token_labels
     store = token_labels.TokenLabelStore(data.token_label_dir, split, len(source), num_classes)
     source = token_labels.WithTokenLabels(source, store)
   source = transforms.DecodedImages(source, f"{prepared}:{split}")
@@ -67,5 +65,6 @@ def build_dataset(data: ml_collections.ConfigDict, split: str, train: bool) -> D
         size, norm, scale=tuple(data.crop_scale), flip=data.random_flip,
         randaugment=data.randaugment, random_erase=data.random_erase, mean=spec["mean"])
   else:
-    ops = (transforms.MaskBad(),) + transforms.deit_eval(size, norm, spec["crop_ratio"])
+    ops = (transforms.MaskBad(), transforms.ResizeCenterCrop(size, spec["crop_ratio"]),
+           transforms.ToArray(), norm())
   return DatasetSpec(source, num_classes, (size, size, 3), ops)

@@ -58,7 +58,6 @@ def _exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) ->
   prctl(PR_SET_PDEATHSIG) is not used because it fires when the parent *thread* that
   spawned the worker exits, which need not be the trainer's end."""
   del worker_index, worker_count
-  import os
   import threading
   import time
 

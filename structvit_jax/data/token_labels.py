@@ -26,6 +26,7 @@ import zipfile
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
+from absl import flags
 import numpy as np
 
 INFO = "info.json"
@@ -170,19 +171,13 @@ def _label_files(src: str) -> tuple[dict[str, str], Any]:
   return keys, read
 
 
-def _find(keys: dict[str, str], name: str) -> str | None:
-  for k in (label_key(name), os.path.splitext(os.path.basename(name))[0]):
-    if keys.get(k):
-      return keys[k]
-  return None
-
-
 def prepare(src: str, names: Sequence[str], out_dir: str, split: str, num_classes: int,
             dataset: str = "") -> dict[str, Any]:
   """Writes the maps of the records `names` (in record order) to out_dir/split; returns
   the info. Refuses a split the labels do not cover, before writing anything."""
   keys, read = _label_files(src)
-  members = [_find(keys, n) for n in names]
+  members = [keys.get(label_key(n)) or keys.get(os.path.splitext(os.path.basename(n))[0])
+             or None for n in names]
   missing = [n for n, m in zip(names, members) if m is None]
   if missing:
     raise TokenLabelError(
@@ -318,7 +313,6 @@ def record_names(source: Any) -> Iterator[str]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags
   from structvit_jax.data import builders
   f = flags.FLAGS
   prepared = builders.find_prepared(f.data_dir, f.name)
@@ -334,7 +328,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags
   from structvit_jax import cli
   flags.DEFINE_string("src", None, "Token labels: a folder or .zip of <class>/<stem>.pt.")
   flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared images.")

@@ -323,8 +323,3 @@ def deit_train(size: int, normalize: Callable[[], grain.transforms.Map], *,
   if random_erase > 0:
     ops.append(RandomErasing(random_erase))
   return tuple(ops)
-
-
-def deit_eval(size: int, normalize: Callable[[], grain.transforms.Map],
-              crop_ratio: float = DEFAULT_EVAL_CROP_RATIO) -> tuple:
-  return (ResizeCenterCrop(size, crop_ratio), ToArray(), normalize())

@@ -52,6 +52,7 @@ from av.video.reformatter import VideoReformatter
 import grain
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from structvit_jax.data import registry
 from structvit_jax.data.ops import Normalize, RandomErasing, RandomFlip, warn_bad_once
@@ -173,7 +174,17 @@ def _reformatter() -> VideoReformatter:
   return _local.reformatter
 
 
-class VideoReader:
+class _Reader:
+  """A context manager that closes the reader."""
+
+  def __enter__(self) -> "_Reader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class VideoReader(_Reader):
   """An open video: its frame count and `read(indices, short_side)`."""
 
   def __init__(self, path: str):
@@ -197,12 +208,6 @@ class VideoReader:
 
   def close(self) -> None:
     self.container.close()
-
-  def __enter__(self) -> "VideoReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   def read(self, indices: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 [len(indices), h, w, 3], the short side resized to `short_side` (bilinear,
@@ -250,7 +255,7 @@ class VideoReader:
     return j
 
 
-class FrameFolderReader:
+class FrameFolderReader(_Reader):
   """A frame folder (SSv1's `<id>/00001.jpg ...`) with VideoReader's interface: its frame
   count (the folder is listed here) and `read(indices, short_side)` (PIL, bilinear).
   BadVideoError: no frames, a gap in the numbering (a missing frame), or, in `read`, a
@@ -278,14 +283,7 @@ class FrameFolderReader:
   def close(self) -> None:
     pass
 
-  def __enter__(self) -> "FrameFolderReader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    pass
-
   def _frame(self, index: int, h: int | None, w: int | None, short_side: int) -> np.ndarray:
-    from PIL import Image
     path = self.files[index]
     try:
       with Image.open(path) as im:
@@ -358,7 +356,6 @@ class ClipConfig:
       frames = video[self.indices(len(video), clip=clip)]
       h, w = short_side_shape(frames.shape[1], frames.shape[2], self.size)
       if (h, w) != frames.shape[1:3]:
-        from PIL import Image
         frames = np.stack([np.asarray(Image.fromarray(f).resize(
             (w, h), Image.Resampling.BILINEAR)) for f in frames])
     else:
@@ -429,7 +426,6 @@ class VideoRandAugment(grain.transforms.RandomMap):
     self.augment = RandAugment(config, mean)
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    from PIL import Image
     seed = int(rng.integers(2**63))
     frames = [np.asarray(self.augment.random_map({"image": Image.fromarray(f)},
                                                  np.random.default_rng(seed))["image"])

@@ -136,10 +136,7 @@ def read_kinetics_csv(path: str) -> list[dict[str, str]]:
 
 def read_classes(path: str) -> list[str]:
   """Class names in label order: one a line, or `name<TAB>index` lines in any order."""
-  try:
-    lines = [l.rstrip("\n") for l in open(path) if l.strip()]
-  except OSError as e:
-    raise cli.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+  lines = [l for l in _read_lines(path) if l.strip()]
   pairs = [l.rsplit("\t", 1) for l in lines]
   if all(len(p) == 2 and p[1].strip().isdigit() for p in pairs):
     order = sorted((int(i), name.strip()) for name, i in pairs)
@@ -213,11 +210,6 @@ def ssv1_entries(list_csv: str, classes: Sequence[str]) -> list[Entry]:
   if not out:
     raise cli.UserError(f"{list_csv}: lists no videos (expected 'id;label name' lines)")
   return out
-
-
-def index_frame_folders(root: str, entries: Sequence[Entry]) -> dict[str, str]:
-  """{id: id} for the entries whose folder root/<id> exists (looked up, not walked)."""
-  return {n: n for e in entries for n in e.names if os.path.isdir(os.path.join(root, n))}
 
 
 # ----------------------------------------------------------------------------- videos
@@ -315,7 +307,9 @@ def convert(dataset: str, data_dir: str, annotations: dict[str, str],
     videos = SSV1_FRAMES
   root = os.path.join(data_dir, videos) if videos else data_dir
   if dataset == "ssv1":
-    found = index_frame_folders(root, [x for e in entries.values() for x in e])
+    # {id: id} for the entries whose folder root/<id> exists (looked up, not walked)
+    found = {n: n for e in entries.values() for x in e for n in x.names
+             if os.path.isdir(os.path.join(root, n))}
   else:
     found, duplicates = index_videos(root)
     if duplicates:

@@ -111,11 +111,6 @@ def _accumulation(*dtypes: Dtype) -> Dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def _strides(rank: int, stride: int) -> tuple[int, ...]:
-  # Stride over H and W only: the last two grid axes (the only axis of a sequence).
-  return tuple(1 if a < rank - 2 else stride for a in range(rank))
-
-
 def aggregated_weights(a_grid: Array, u_v: Array, grid: Sequence[int],
                        strides: Sequence[int]) -> Array:
   """The final attention map W_i of StructSA on the value grid (Fig. 4; docs/structsa.md,
@@ -162,7 +157,8 @@ class StructSA(nn.Module):
     cfg = self.structsa
     window_k = layers.as_tuple(cfg.kernel_size, rank)
     window_v = window_k if cfg.aggregation == "context" else (1,) * rank
-    return window_k, window_v, _strides(rank, cfg.stride)
+    # Stride over H and W only: the last two grid axes (the only axis of a sequence).
+    return window_k, window_v, tuple(1 if a < rank - 2 else cfg.stride for a in range(rank))
 
   @nn.compact
   def __call__(self, x: Array, extra: Array | None = None):
