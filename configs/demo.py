@@ -4,8 +4,8 @@ stripe orientation, procedural and seeded, no download). Finishes on a 2-core CP
 
   python -m structvit_jax.main --config=configs/demo.py --workdir=/tmp/demo
 
-Expected: eval top-1 0.866 (chance 0.1) after 1560 steps, 1m40s wall on a quiet 2-core CPU
-(3m31s with other jobs competing); deterministic on one machine (README: Training).
+Expected: eval top-1 0.879 (chance 0.1) after 1560 steps, 1m33s wall on a quiet 2-core CPU
+(58 s with the compiled programs cached); deterministic on one machine (README: Training).
 Variants: image_size, epochs, train_examples (e.g. `configs/demo.py:epochs=1` for a smoke run).
 """
 
