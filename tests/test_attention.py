@@ -8,6 +8,8 @@ import pytest
 
 from structvit_jax.models import attention as attn
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): small programs, each compiled once
+
 BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
 
 

@@ -20,6 +20,8 @@ from structvit_jax import convert, weights
 from structvit_jax.models import get_model, layers, uniformer as uf
 from structvit_jax.models import structsa_weights, timesformer_weights
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): small programs, each compiled once
+
 try:
   import torch  # only to exercise the .pth file path; numerics use numpy references
 except ImportError:
@@ -525,14 +527,14 @@ def test_structvit_image_to_video_inflates_structure_kernels():
   image StructViT gives its logits on a clip of identical frames."""
   model = get_model("structvit_tiny", structsa=dict(init_noise=0.3))
   x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 32, 32, 3)), jnp.float32)
-  v_img = model.init(jax.random.PRNGKey(0), x)
+  v_img = jax.jit(model.init)(jax.random.PRNGKey(0), x)  # jitted: one compile, not one per op
   clip = jnp.repeat(x[:, None], 4, axis=1)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), clip)
   v_vid = weights.fit(weights.flat_paths(v_img), abstract, inflate_mode="centre")
   u_k = v_vid["params"]["blocks3_0"]["attn"]["u_k"]
   assert u_k.shape == (3, 3, 3, 2, 64) and not np.any(u_k[0]) and not np.any(u_k[2])
-  np.testing.assert_allclose(model.apply(v_vid, clip), model.apply(v_img, x), rtol=1e-5,
-                             atol=1e-5)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(v_vid, clip), apply(v_img, x), rtol=1e-5, atol=1e-5)
 
 
 def test_timesformer_resize_and_drop_head():
@@ -553,8 +555,9 @@ def test_timesformer_resize_and_drop_head():
   # The resized model at 64x64x8 equals the source model run at 64x64x8 (its forward resize).
   kw, v_src, _ = _convert(timesformer_sd(), "timesformer_tiny")
   xr = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 64, 64, 3)), jnp.float32)
-  feats = lambda m, vv: m.apply(vv, xr, capture_intermediates=lambda mm, _: mm.name == "norm",
-                                mutable=["intermediates"])[1]["intermediates"]["norm"]
+  feats = lambda m, vv: jax.jit(lambda vv: m.apply(
+      vv, xr, capture_intermediates=lambda mm, _: mm.name == "norm",
+      mutable=["intermediates"])[1]["intermediates"]["norm"])(vv)
   np.testing.assert_allclose(feats(model, v)["__call__"][0],
                              feats(get_model("timesformer_tiny", **kw), v_src)["__call__"][0],
                              rtol=1e-5, atol=1e-5)
@@ -610,29 +613,25 @@ def test_init_from_training_checkpoint_inflates_into_video_model(tmp_path):
   class count (inflate='average', drop_head=True), through _Setup.restore_or_init."""
   from test_train import tiny_config
   from structvit_jax import train
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    img = tiny_config(**{"model.name": "uniformer_tiny", "num_train_steps": 2,
-                         "checkpoint_every_steps": 2, "ema_decay": 0.0})
-    train.train_and_evaluate(img, str(tmp_path / "img"), devices=jax.devices()[:1])
-    _, want = __import__("test_train").read_params(tmp_path / "img")
-    vid = tiny_config(**{"model.name": "uniformer_tiny", "data.name": "synthetic_video",
-                         "data.num_frames": 4, "ema_decay": 0.0})
-    vid.init_from.checkpoint = str(tmp_path / "img" / "checkpoints")
-    setup = train._Setup(vid, str(tmp_path / "vid"), jax.devices()[:1], train=False)
-    with pytest.raises(weights.WeightsError, match="set inflate"):
-      setup.restore_or_init(vid, None)
-    vid.init_from.inflate, vid.init_from.drop_head = "average", True
-    state = setup.restore_or_init(vid, None)
-    got = state.params
-    k2, k3 = want["patch_embed1"]["proj"]["kernel"], got["patch_embed1"]["proj"]["kernel"]
-    np.testing.assert_allclose(k3, np.repeat(k2[None], 3, 0) / 3, rtol=1e-6)
-    np.testing.assert_array_equal(got["blocks3_0"]["attn"]["qkv"]["kernel"],
-                                  want["blocks3_0"]["attn"]["qkv"]["kernel"])
-    assert got["head"]["kernel"].shape[1] == setup.num_classes != want["head"]["kernel"].shape[1]
-    setup.ckpt.close()
-  finally:
-    jax.config.update("jax_disable_most_optimizations", False)
+  img = tiny_config(**{"model.name": "uniformer_tiny", "num_train_steps": 2,
+                       "checkpoint_every_steps": 2, "ema_decay": 0.0})
+  train.train_and_evaluate(img, str(tmp_path / "img"), devices=jax.devices()[:1])
+  _, want = __import__("test_train").read_params(tmp_path / "img")
+  vid = tiny_config(**{"model.name": "uniformer_tiny", "data.name": "synthetic_video",
+                       "data.num_frames": 4, "ema_decay": 0.0})
+  vid.init_from.checkpoint = str(tmp_path / "img" / "checkpoints")
+  setup = train._Setup(vid, str(tmp_path / "vid"), jax.devices()[:1], train=False)
+  with pytest.raises(weights.WeightsError, match="set inflate"):
+    setup.restore_or_init(vid, None)
+  vid.init_from.inflate, vid.init_from.drop_head = "average", True
+  state = setup.restore_or_init(vid, None)
+  got = state.params
+  k2, k3 = want["patch_embed1"]["proj"]["kernel"], got["patch_embed1"]["proj"]["kernel"]
+  np.testing.assert_allclose(k3, np.repeat(k2[None], 3, 0) / 3, rtol=1e-6)
+  np.testing.assert_array_equal(got["blocks3_0"]["attn"]["qkv"]["kernel"],
+                                want["blocks3_0"]["attn"]["qkv"]["kernel"])
+  assert got["head"]["kernel"].shape[1] == setup.num_classes != want["head"]["kernel"].shape[1]
+  setup.ckpt.close()
 
 
 def test_vit_into_divided_timesformer():

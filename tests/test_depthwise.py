@@ -10,6 +10,8 @@ import pytest
 
 from structvit_jax.models import layers
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): small programs, each compiled once
+
 
 def _reference(x, kernel, strides):
   """Sum over taps of static strided slices of the padded input (autodiff-able, no loop)."""

@@ -93,7 +93,8 @@ def test_uint8_batches_give_the_float_loss():
   model = train_state.build_model(c, inp.num_classes)
   schedule = optim.make_schedule(c, 10, 8)
   tx = optim.make_optimizer(c, schedule)
-  state = train_state.init_state(jax.random.PRNGKey(0), model, tx, inp.input_shape, ema=False)
+  state = jax.jit(lambda rng: train_state.init_state(rng, model, tx, inp.input_shape,
+                                                     ema=False))(jax.random.PRNGKey(0))
   losses = []
   for batch, norm in ((floats, None), (ints, inp.normalization)):
     step = jax.jit(functools.partial(train_state.train_step, model=model, tx=tx, schedule=schedule,

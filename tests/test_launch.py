@@ -1,7 +1,8 @@
 """The launchers in launch/: syntax (bash -n, shellcheck when installed), their argument
 checks and the commands they issue (gcloud / srun replaced by stubs that record their
-arguments), and a real 2-process run of the README's demo config through
-launch/local_multiprocess.sh."""
+arguments). The real 2-process run through launch/local_multiprocess.sh is
+tests/test_train.py::test_two_processes_match_one_process (one run checks the launcher, its
+per-process logs and checkpoint layout, and the result against one process)."""
 
 import os
 import pathlib
@@ -202,32 +203,3 @@ def test_slurm_refuses_missing_workdir_and_config(tmp_path, fake_srun):
     r = _sbatch(tmp_path, **env)
     assert r.returncode == 2 and message in r.stderr, (env, r.stderr)
   assert not fake_srun.exists()
-
-
-# ------------------------------------------------------------------ a real 2-process run
-
-
-@pytest.mark.slow
-def test_local_multiprocess_trains_the_demo_config(tmp_path):
-  """The README's demo config, 3 steps, 2 processes x 1 CPU device; cold compile ~50 s."""
-  workdir, logs = tmp_path / "w", tmp_path / "logs"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1", DEVICES_PER_PROCESS="1",
-             PYTHON=sys.executable, LOG_DIR=str(logs),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  env.pop("XLA_FLAGS", None)
-  cmd = ["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
-         "--config=configs/demo.py:train_examples=256", f"--workdir={workdir}",
-         "--config.num_train_steps=3", "--config.data.eval_examples=128"]
-  r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-  log0 = (logs / "process_0.log").read_text() if (logs / "process_0.log").exists() else ""
-  assert r.returncode == 0, r.stderr[-3000:] + log0[-3000:]
-  for i in range(2):
-    assert f"JAX process {i} / 2" in (logs / f"process_{i}.log").read_text()
-  ckdir = workdir / "checkpoints"
-  assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == ["3"]
-  assert (ckdir / "3" / "state").is_dir()
-  assert sorted(p.name for p in (ckdir / "3" / "data_iter").glob("*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]

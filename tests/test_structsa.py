@@ -13,6 +13,8 @@ import pytest
 from structvit_jax.models import layers
 from structvit_jax.models.structsa import StructSA, StructSAConfig
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): small programs, each compiled once
+
 C, HEADS = 16, 2
 
 
@@ -204,7 +206,7 @@ for grid, extra in (((5, 6), 1), ((3, 4, 4), 0)):
     for form in ("fused", "reference"):
       m = StructSA(2, StructSAConfig(d=3, stride=2, init="centre", init_noise=0.5, form=form,
                                      depthwise_impl=dw))
-      v = m.init(jax.random.PRNGKey(0), as_(x, jnp.float32), as_(e, jnp.float32))
+      v = jax.jit(m.init)(jax.random.PRNGKey(0), as_(x, jnp.float32), as_(e, jnp.float32))
       v = jax.tree.map(lambda p: p * 5.0 if p.ndim == 2 else p, v)  # qkv, proj: O(1) outputs
       apply = jax.jit(m.apply)  # one compile per dtype: far faster than op-by-op here
       y32 = jax.tree.leaves(apply(v, as_(x, jnp.float32), as_(e, jnp.float32)))

@@ -11,6 +11,8 @@ from structvit_jax.models.timesformer import (ATTENTION_TYPES, attention_stages,
                                               nearest_indices)
 from structvit_jax.model_stats import model_stats
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): small programs, each compiled once
+
 # Official counts (fvcore GFLOPs on the official code, docs/flops.md). L+G / axial: ours (no
 # official code).
 

@@ -369,8 +369,9 @@ def test_token_labeling_trains_the_aux_head_per_token_and_the_class_head():
   schedule = optax.warmup_cosine_decay_schedule(1e-4, 3e-3, TRAIN_STEPS // 10, TRAIN_STEPS,
                                                 1e-5)
   tx = optim.make_optimizer(config, schedule)
-  with cheap_compiles():
-    state = train_state.init_state(jax.random.PRNGKey(0), model, tx, (SIZE, SIZE, 3), ema=False)
+  with cheap_compiles():  # jitted: one compile, not one per op of the init
+    state = jax.jit(lambda rng: train_state.init_state(rng, model, tx, (SIZE, SIZE, 3),
+                                                       ema=False))(jax.random.PRNGKey(0))
   step = jax.jit(lambda s, b: train_state.train_step(s, b, model=model, tx=tx, schedule=schedule,
                                                config=config, num_classes=nc))
   losses = []

@@ -264,13 +264,24 @@ def reference_run(sub_env, tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(sub_env, reference_run, tmp_path):
+  """Through the README's launcher, launch/local_multiprocess.sh (the suite's one real run of
+  it; tests/test_launch.py checks its arguments): 2 processes x 2 devices, a log per process."""
   env, config = sub_env
+  workdir, logs = tmp_path / "w", tmp_path / "logs"
   cmd = ["bash", str(REPO / "launch/local_multiprocess.sh"), "2",
-         f"--config={config}", f"--workdir={tmp_path}", END_SAVE_ONLY]
-  r = subprocess.run(cmd, env=dict(env, DEVICES_PER_PROCESS="2", PYTHON=sys.executable),
+         f"--config={config}", f"--workdir={workdir}", END_SAVE_ONLY]
+  r = subprocess.run(cmd, env=dict(env, DEVICES_PER_PROCESS="2", PYTHON=sys.executable,
+                                   LOG_DIR=str(logs)),
                      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-5000:]
-  step, params = read_params(tmp_path)
+  log0 = (logs / "process_0.log").read_text() if (logs / "process_0.log").exists() else ""
+  assert r.returncode == 0, r.stderr[-3000:] + log0[-3000:]
+  for i in range(2):
+    assert f"JAX process {i} / 2" in (logs / f"process_{i}.log").read_text()
+  ckdir = workdir / "checkpoints"
+  assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == [str(SUB_STEPS)]
+  assert sorted(p.name for p in (ckdir / str(SUB_STEPS) / "data_iter").glob("*.json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  step, params = read_params(workdir)
   assert step == SUB_STEPS
   assert_trees_close(params, reference_run, rtol=1e-5, leaf_rtol=5e-4)
 
