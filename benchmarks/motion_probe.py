@@ -51,7 +51,7 @@ def main(argv=None) -> float:
 
   model = get_model("deit_tiny", patch_size=8, temporal_patch_size=1, embed_dim=64, depth=2,
                     num_heads=2, num_classes=8, drop_path_rate=0.0, structsa=dict(d=a.d))
-  params = model.init(jax.random.PRNGKey(a.seed), batch(src, range(16))[0])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(a.seed), batch(src, range(16))[0])["params"]
   params = jax.tree_util.tree_map_with_path(
       lambda path, v: v * a.qkv_scale if "qkv" in jax.tree_util.keystr(path)
       and "kernel" in jax.tree_util.keystr(path) else v, params)

@@ -151,7 +151,7 @@ def model_cost(config) -> tuple[int, float]:
   shape = (config.data.num_frames, config.data.image_size, config.data.image_size, 3)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
   params = flops.count_params(variables["params"])
-  return params, flops.count_model_macs(model, shape)["total"] / 1e9
+  return params, flops.count_model_macs(model, shape, variables=variables)["total"] / 1e9
 
 
 def run_one(config, workdir: str) -> tuple[float, float, float, dict]:

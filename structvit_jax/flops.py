@@ -80,15 +80,19 @@ def count_macs(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, int]:
   return out
 
 
-def count_model_macs(model, input_shape, batch_size: int = 1) -> dict[str, int]:
+def count_model_macs(model, input_shape, batch_size: int = 1,
+                     variables: Any = None) -> dict[str, int]:
   """Forward (eval-mode) MACs of a flax model for one batch of `input_shape` examples.
+  `variables` (arrays or their shapes), where the caller has them, spare tracing the init.
 
   Depthwise convolutions are traced in their conv form (docs/flops.md)."""
   import jax.numpy as jnp
   if hasattr(model, "structsa"):
     model = model.clone(structsa=model.structsa.replace(depthwise_impl="xla"))
   x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype)))
+  if variables is None:
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros(x.shape, x.dtype)))
   return count_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
 
 

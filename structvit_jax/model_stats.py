@@ -36,7 +36,7 @@ def model_stats(name: str, frames: int = 0, size: int = 224, num_classes: int = 
   import jax
   import jax.numpy as jnp
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
-  macs = flops.count_model_macs(model, shape)
+  macs = flops.count_model_macs(model, shape, variables=variables)
   return dict(model=name, input="x".join(map(str, shape[:-1])), overrides=overrides,
               params=flops.count_params(variables["params"]), gflops=round(macs["total"] / 1e9, 3))
 

@@ -225,7 +225,7 @@ def _dist_version(name: str) -> str:
 def model_stats(model: Any, variables: Any, spec: dict[str, Any]) -> dict[str, Any]:
   """Parameters and GMACs ("GFLOPs" as the papers count them, docs/flops.md) per example."""
   from structvit_jax import flops
-  macs = flops.count_model_macs(model, input_shape(spec))["total"]
+  macs = flops.count_model_macs(model, input_shape(spec), variables=variables)["total"]
   fields = {f.name for f in dataclasses.fields(model)}
   variant = [f"{type(model).__name__}"]
   for name in ("depth", "embed_dim", "num_heads", "head_dim", "patch_size", "attention_type",

@@ -98,7 +98,10 @@ def _log_model_size(setup: _Setup, writer: run_log.MetricWriter) -> None:
   n_params = flops.count_params(setup.abstract_state.params)
   gmacs = None
   try:
-    gmacs = flops.count_model_macs(setup.model, setup.input_shape)["total"] / 1e9
+    abstract = setup.abstract_state
+    variables = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    gmacs = flops.count_model_macs(setup.model, setup.input_shape,
+                                   variables=variables)["total"] / 1e9
   except Exception as e:  # the count is informative only; never block training on it
     logging.warning("GFLOPs count failed: %s", e)
   logging.info("Model %s (%s): %.3f M params, %s GFLOPs (MACs) per example",

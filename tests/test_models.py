@@ -26,11 +26,11 @@ def _shapes(name):
 @pytest.mark.parametrize("name", list_models())
 def test_every_preset_builds_with_eval_shape(name):
   model = get_model(name)
-  for shape in _shapes(name):
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)),
-                                                  train=False))
-    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *shape)), train=False), variables)
+  for shape in _shapes(name):  # init and forward in one trace
+    out, variables = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.PRNGKey(0), jnp.zeros((2, *shape)), train=False))
     assert out.shape == (2, model.num_classes) and out.dtype == jnp.float32
+    assert variables["params"]
 
 
 @pytest.mark.parametrize("name,params", [

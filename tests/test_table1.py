@@ -11,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "table1.py")
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py) for the in-process probe's 5 steps
 
 
 def _load_script():
