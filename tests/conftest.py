@@ -18,7 +18,7 @@ flags.FLAGS.mark_as_parsed()
 LONGEST_FIRST = (
     "test_train.py", "test_token_labeling.py", "test_demo.py", "test_notebooks.py",
     "test_convert.py", "test_models.py", "test_benchmarks.py", "test_gpu_report.py",
-    "test_video_data.py", "test_ssv1.py", "test_launch.py", "test_table1.py",
+    "test_video_data.py", "test_ssv1.py", "test_table1.py",
     "test_compile_cache.py", "test_export.py", "test_serving_export.py", "test_faults.py", "test_checksums.py",
     "test_configs.py", "test_gcs.py",
     "test_recipe_fidelity.py", "test_structsa.py", "test_device_input.py", "test_viz.py",

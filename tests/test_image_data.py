@@ -17,6 +17,8 @@ from structvit_jax import config_utils
 from structvit_jax.data import DatasetNotFoundError, builders, create_input, prepare
 from structvit_jax.data import transforms as T
 
+FAST_COMPILES = True  # XLA's cheap compile mode (conftest.py): the end-to-end run's compiles
+
 REPO = os.path.join(os.path.dirname(__file__), "..")
 in1k = config_utils.import_sibling(os.path.join(REPO, "configs", "in1k_s.py"), "in1k_s")
 CLASSES = ("cat", "dog", "fox")
