@@ -176,3 +176,25 @@ def test_unknown_dataset_and_bad_arguments():
     create_input(_config(), "validation", 8)
   with pytest.raises(ValueError, match="fewer than one global batch"):
     create_input(_config(train=10), "train", 8, 0, 2)
+
+
+@pytest.mark.parametrize("steps,whole", [(2, False), (20, True), (-1, True)])
+def test_built_in_split_is_drawn_whole_only_for_more_than_one_pass(steps, whole, monkeypatch):
+  """2 steps of 8 read 16 of 96 examples: each is drawn when read (and a few read ahead).
+  20 steps (160 reads) or epochs (num_epochs passes): the whole split at the first read,
+  kept. The same pixels either way."""
+  made, drawn = [], []
+  init, draw = synthetic.SyntheticImageSource.__init__, synthetic.SyntheticImageSource.draw
+  monkeypatch.setattr(synthetic.SyntheticImageSource, "__init__",
+                      lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+  monkeypatch.setattr(synthetic.SyntheticImageSource, "draw",
+                      lambda self, i: drawn.append(self) or draw(self, i))
+  c = _config()
+  c.num_train_steps = steps
+  batches = _take(create_input(c, "train", local_batch_size=8, seed=1).iterator, 2)
+  train_source = made[0]  # then the train split's eval-mode source, not read here
+  count = sum(s is train_source for s in drawn)
+  assert count == 96 if whole else 16 <= count < 48, count
+  c.num_train_steps = 2 if whole else 20  # the other way: same examples, same pixels
+  other = _take(create_input(c, "train", local_batch_size=8, seed=1).iterator, 2)
+  assert [_keys(b) for b in batches] == [_keys(b) for b in other]

@@ -216,8 +216,8 @@ def test_fsdp_and_grad_accumulation_train_the_same_model(tmp_path):
 
 # ----------------------------------------------------------------------------- subprocesses
 
-SUB_STEPS = 40
-SUB = dict(num_train_steps=SUB_STEPS, checkpoint_every_steps=5, log_every_steps=5,
+SUB_STEPS = 24
+SUB = dict(num_train_steps=SUB_STEPS, checkpoint_every_steps=4, log_every_steps=4,
            keep_checkpoints=10)
 
 
@@ -240,7 +240,7 @@ def main_cmd(config: str, workdir: pathlib.Path, *flags: str) -> list[str]:
 
 
 # The runs compared only at their end (and the resumes, a field a resume may change) save
-# only there; the checkpoint every 5 steps is for the runs stopped by a signal. The cadence
+# only there; the checkpoint every 4 steps is for the runs stopped by a signal. The cadence
 # changes no compiled program and no number.
 END_SAVE_ONLY = f"--config.checkpoint_every_steps={SUB_STEPS}"
 

@@ -121,6 +121,10 @@ def create_input(config: ml_collections.ConfigDict, split: str, local_batch_size
     if num_examples < global_batch:
       raise ValueError(f"{split_name!r} has {num_examples} examples, fewer than one global "
                        f"batch ({global_batch})")
+    if hasattr(spec.source, "will_read"):  # built-in sources: draw up front only for >1 pass
+      steps = int(config.get("num_train_steps", -1))
+      spec.source.will_read(steps * global_batch if steps > 0
+                            else float(config.get("num_epochs", math.inf)) * num_examples)
     ds = grain.MapDataset.source(spec.source).seed(seed).shuffle().repeat()
     ds = _apply(ds, spec.transforms)
     ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]

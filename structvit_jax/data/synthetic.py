@@ -188,7 +188,9 @@ class Source:
   """Random-access source (grain's RandomAccessDataSource protocol). While a split fits
   CACHE_BYTES, the first read draws all of it and keeps it (read-only arrays): a training
   run draws each example once instead of once per epoch, and the first batch, which the
-  trainer reads while it compiles, pays for it. Each example still comes from its own rng."""
+  trainer reads while it compiles, pays for it. A run that reads at most one pass
+  (`will_read`: a short run, a smoke test) draws each example when it is read instead.
+  Each example comes from its own rng either way: the same pixels."""
 
   num_classes: int
 
@@ -197,6 +199,12 @@ class Source:
       raise ValueError(f"{type(self).__name__}: unknown split {split!r}; valid: {sorted(SPLITS)}")
     self.split, self.num_examples, self.image_size, self.seed = split, num_examples, image_size, seed
     self._cache: dict[str, np.ndarray] | None = None  # the whole split, once read
+    self.draw_whole_split = True
+
+  def will_read(self, count: float) -> None:
+    """The pipeline says how many examples the run reads: drawing the whole split up front
+    pays only when that is more than one pass."""
+    self.draw_whole_split = count > self.num_examples
 
   def __len__(self) -> int:
     return self.num_examples
@@ -210,7 +218,7 @@ class Source:
     index = int(index)
     self._rng(index)  # range check
     size = self.image_size ** 2 * 3 * max(1, getattr(self, "num_frames", 1))
-    if self.num_examples * size > CACHE_BYTES:
+    if not self.draw_whole_split or self.num_examples * size > CACHE_BYTES:
       return self.draw(index)
     if self._cache is None:
       with _DRAWING:
